@@ -43,7 +43,10 @@ def cuda_wanted():
 def extension():
     with_cuda, missing = cuda_wanted()
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    extra = {"cxx": ["-O3"]}
+    # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it runs on one thread.
+    # -fno-wrapv undoes Python's -fwrapv, which stops GCC from vectorizing the fp32 dot product
+    # well (measured: half the memory bandwidth).
+    extra = {"cxx": ["-O3", "-fopenmp", "-fno-wrapv"]}
     macros = []
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -62,7 +65,8 @@ def extension():
               f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         print(f"  CUDA kernels: no ({'; '.join(missing) or 'POLYPRUNE_CUDA=0'})")
-    return kind("polyprune_ext._C", sources, extra_compile_args=extra, define_macros=macros)
+    return kind("polyprune_ext._C", sources, extra_compile_args=extra, extra_link_args=["-fopenmp"],
+                define_macros=macros)
 
 
 setup(
