@@ -8,6 +8,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .ops import accumulation_dtype
+
 
 def taylor_reduce(
     act: torch.Tensor,
@@ -20,7 +22,7 @@ def taylor_reduce(
     """Same result as polyprune_ext.ops.taylor_reduce, computed in ``dtype`` (default: float64 for
     float64 inputs, else float32)."""
     if dtype is None:
-        dtype = torch.float64 if act.dtype == torch.float64 else torch.float32
+        dtype = accumulation_dtype(act.dtype)
     z = act.to(dtype) * grad.to(dtype)
     if z.dim() > 2:
         z = z.flatten(2).sum(-1)

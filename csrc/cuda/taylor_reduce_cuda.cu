@@ -34,6 +34,24 @@ __device__ Acc warp_sum(Acc v) {
   return v;
 }
 
+// sum of a[s * sa] * g[s * sg] over s = first, first + step, ... < end: one thread's share of a
+// (sample, channel) run, with kUnroll independent loads in flight.
+template <typename T, typename Acc>
+__device__ Acc strided_dot(const T* __restrict__ a, int64_t sa, const T* __restrict__ g,
+                           int64_t sg, int64_t first, int64_t end, int64_t step) {
+  Acc acc[kUnroll] = {};
+  int64_t s = first;
+  for (; s + (kUnroll - 1) * step < end; s += kUnroll * step) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = s + u * step;
+      acc[u] += static_cast<Acc>(a[i * sa]) * static_cast<Acc>(g[i * sg]);
+    }
+  }
+  for (; s < end; s += step) acc[0] += static_cast<Acc>(a[s * sa]) * static_cast<Acc>(g[s * sg]);
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 template <typename T, typename Acc>
 __global__ void rows_kernel(const T* __restrict__ a, NCSView va, const T* __restrict__ g,
                             NCSView vg, int64_t C, int64_t S, int64_t chunk, int splits,
@@ -41,21 +59,10 @@ __global__ void rows_kernel(const T* __restrict__ a, NCSView va, const T* __rest
   const int64_t task = blockIdx.x;  // (n * C + c) * splits + split
   const int64_t row = task / splits, split = task % splits;
   const int64_t n = row / C, c = row % C;
-  const T* ar = a + n * va.n_stride + c * va.c_stride;
-  const T* gr = g + n * vg.n_stride + c * vg.c_stride;
   const int64_t begin = split * chunk, end = min(S, begin + chunk);
-  Acc acc[kUnroll] = {};
-  int64_t s = begin + threadIdx.x;
-  for (; s + (kUnroll - 1) * kRowThreads < end; s += kUnroll * kRowThreads) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t i = s + u * kRowThreads;
-      acc[u] += static_cast<Acc>(ar[i * va.s_stride]) * static_cast<Acc>(gr[i * vg.s_stride]);
-    }
-  }
-  for (; s < end; s += kRowThreads)
-    acc[0] += static_cast<Acc>(ar[s * va.s_stride]) * static_cast<Acc>(gr[s * vg.s_stride]);
-  Acc v = warp_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  Acc v = warp_sum(strided_dot<T, Acc>(a + n * va.n_stride + c * va.c_stride, va.s_stride,
+                                       g + n * vg.n_stride + c * vg.c_stride, vg.s_stride,
+                                       begin + threadIdx.x, end, kRowThreads));
   __shared__ Acc warp_totals[kRowThreads / 32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_totals[warp] = v;
@@ -75,23 +82,12 @@ __global__ void channels_kernel(const T* __restrict__ a, NCSView va, const T* __
   const int64_t c = (blockIdx.x % c_blocks) * kTileC + threadIdx.x;
   const int64_t split = blockIdx.y;
   const int64_t begin = split * chunk, end = min(S, begin + chunk);
-  Acc acc[kUnroll] = {};
-  if (c < C) {
-    const T* ac = a + n * va.n_stride + c * va.c_stride;
-    const T* gc = g + n * vg.n_stride + c * vg.c_stride;
-    int64_t s = begin + threadIdx.y;
-    for (; s + (kUnroll - 1) * kTileS < end; s += kUnroll * kTileS) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t i = s + u * kTileS;
-        acc[u] += static_cast<Acc>(ac[i * va.s_stride]) * static_cast<Acc>(gc[i * vg.s_stride]);
-      }
-    }
-    for (; s < end; s += kTileS)
-      acc[0] += static_cast<Acc>(ac[s * va.s_stride]) * static_cast<Acc>(gc[s * vg.s_stride]);
-  }
   __shared__ Acc tile[kTileS][kTileC];
-  tile[threadIdx.y][threadIdx.x] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  tile[threadIdx.y][threadIdx.x] =
+      c < C ? strided_dot<T, Acc>(a + n * va.n_stride + c * va.c_stride, va.s_stride,
+                                  g + n * vg.n_stride + c * vg.c_stride, vg.s_stride,
+                                  begin + threadIdx.y, end, kTileS)
+            : Acc(0);
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
     Acc v = tile[0][threadIdx.x];
