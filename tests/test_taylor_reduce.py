@@ -25,6 +25,7 @@ SHAPES = [
 CASES = [(shape, "contiguous") for shape in SHAPES]
 CASES += [(shape, "channels_last") for shape in SHAPES if len(shape) in (4, 5)]
 CASES += [(shape, "strided") for shape in SHAPES if len(shape) > 2]
+CASES += [(shape, "sliced") for shape in SHAPES if len(shape) > 3]
 # Bound on |ours - float64| relative to the sum of |terms|: inputs are exact in float64, so only
 # the accumulation (float32, or float64 for float64 inputs) rounds.
 ACC_TOL = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
@@ -39,9 +40,13 @@ def make(shape, dtype, device, layout, seed=0):
         fmt = torch.channels_last if a.dim() == 4 else torch.channels_last_3d
         a, g = a.contiguous(memory_format=fmt), g.contiguous(memory_format=fmt)
     elif layout == "strided":
-        # Every other element of the last dim: spatial dims no longer form one run.
+        # Every other element of the last dim: spatial positions one stride apart, not adjacent.
         a = torch.cat([a, a], -1)[..., ::2]
         g = torch.cat([g, g], -1)[..., ::2]
+    elif layout == "sliced":
+        # A slice of a wider tensor: the spatial dims no longer form one strided run.
+        a = torch.cat([a, a], -1)[..., : shape[-1]]
+        g = torch.cat([g, g], -1)[..., : shape[-1]]
     scale = torch.rand(shape[0], generator=gen, dtype=torch.float64).to(device) + 0.5
     return a, g, scale
 
