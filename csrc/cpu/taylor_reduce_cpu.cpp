@@ -73,7 +73,8 @@ inline float to_acc<float, c10::Half>(c10::Half x) {
 // sum_s a[s * sa] * g[s * sg]: blocked, kLanes-way partial sums (SIMD-friendly and more accurate
 // than one running sum).
 template <typename T, typename Acc>
-POLYPRUNE_CPU_CLONES Acc strided_dot(const T* a, int64_t sa, const T* g, int64_t sg, int64_t S) {
+__attribute__((always_inline)) inline Acc strided_dot(const T* a, int64_t sa, const T* g, int64_t sg,
+                                                      int64_t S) {
   Acc total = 0;
   for (int64_t b = 0; b < S; b += kBlock) {
     const int64_t e = std::min(S, b + kBlock);
@@ -84,13 +85,27 @@ POLYPRUNE_CPU_CLONES Acc strided_dot(const T* a, int64_t sa, const T* g, int64_t
         for (int k = 0; k < kLanes; ++k)
           lane[k] += to_acc<Acc>(a[s + k]) * to_acc<Acc>(g[s + k]);
     }
-    for (; s < e; ++s)
-      lane[s % kLanes] += to_acc<Acc>(a[s * sa]) * to_acc<Acc>(g[s * sg]);
+    // The rest (and strided runs) in a scalar of its own: indexing `lane` by a run-time value
+    // would keep it in memory instead of registers.
+    Acc rest = 0;
+    for (; s < e; ++s) rest += to_acc<Acc>(a[s * sa]) * to_acc<Acc>(g[s * sg]);
     for (int w = kLanes / 2; w > 0; w /= 2)
       for (int k = 0; k < w; ++k) lane[k] += lane[k + w];
-    total += lane[0];
+    total += lane[0] + rest;
   }
   return total;
+}
+
+// z[r] for rows r in [begin, end) of the (N * C) rows, each a strided dot product. One call per
+// chunk of rows, not per row: short rows (11 x 11 maps) would otherwise pay a call each.
+template <typename T, typename Acc>
+POLYPRUNE_CPU_CLONES void row_dots(const T* a, NCSView va, const T* g, NCSView vg, int64_t C,
+                                   int64_t S, int64_t begin, int64_t end, Acc* z) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t n = r / C, c = r % C;
+    z[r] = strided_dot<T, Acc>(a + n * va.n_stride + c * va.c_stride, va.s_stride,
+                               g + n * vg.n_stride + c * vg.c_stride, vg.s_stride, S);
+  }
 }
 
 // z[c] = sum_s a[s * sa + c] * g[s * sg + c] for c < nc <= kChannels: channels innermost
@@ -134,11 +149,7 @@ void channel_dots(const at::Tensor& act, const at::Tensor& grad, Acc* z) {
   } else {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(S, 1));
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / C, c = r % C;
-        z[r] = strided_dot<T, Acc>(a + n * va.n_stride + c * va.c_stride, va.s_stride,
-                                   g + n * vg.n_stride + c * vg.c_stride, vg.s_stride, S);
-      }
+      row_dots<T, Acc>(a, va, g, vg, C, S, begin, end, z);
     });
   }
 }
