@@ -59,7 +59,7 @@ def extension():
         kind = cpp_extension.CppExtension
     print("polyprune_ext build configuration:")
     print(f"  torch {torch.__version__} (CUDA {torch.version.cuda})")
-    print(f"  CPU kernels: yes")
+    print("  CPU kernels: yes")
     if with_cuda:
         print(f"  CUDA kernels: yes, nvcc from {cpp_extension.CUDA_HOME}, "
               f"archs {os.environ['TORCH_CUDA_ARCH_LIST']}")

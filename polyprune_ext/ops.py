@@ -81,10 +81,6 @@ def compact_(
         keep = keep.detach().to("cpu", torch.int64).contiguous()
     else:
         keep = torch.tensor(list(keep), dtype=torch.int64)
-    if keep.dim() != 1:
-        raise ValueError(f"compact_: keep must be 1-d, got shape {tuple(keep.shape)}")
-    if not 0 <= dim < tensor.dim():
-        raise ValueError(f"compact_: dim {dim} out of range for a {tensor.dim()}-d tensor")
     with torch.no_grad():
         torch.ops.polyprune_ext.compact_(tensor, keep, dim)
         size = list(tensor.shape)
