@@ -94,13 +94,20 @@ def compact_(
 
 
 def compact_parameter_(
-    param: torch.nn.Parameter, keep: Union[torch.Tensor, Sequence[int]], dim: int
+    param: torch.nn.Parameter,
+    keep: Union[torch.Tensor, Sequence[int]],
+    dim: int,
+    optimizer: Optional[torch.optim.Optimizer] = None,
 ) -> torch.nn.Parameter:
-    """Compact a parameter and its ``.grad`` in place; the Parameter object, which optimizers and
-    modules hold references to, stays the same. Optimizer state is the caller's (see compact_)."""
-    compact_(param, keep, dim)
-    if param.grad is not None:
-        compact_(param.grad, keep, dim)
+    """Compact a parameter, its ``.grad`` and, given ``optimizer``, that optimizer's state for it
+    (SGD momentum, Adam/AdamW exp_avg and exp_avg_sq, ...: every state tensor of the parameter's
+    shape), all in place. The Parameter object, which optimizers and modules hold references to,
+    stays the same, so the same optimizer goes on training the smaller parameter."""
+    shape = param.shape
+    state = optimizer.state.get(param, {}) if optimizer is not None else {}
+    for t in [param, param.grad, *state.values()]:
+        if isinstance(t, torch.Tensor) and t.shape == shape:
+            compact_(t, keep, dim)
     return param
 
 

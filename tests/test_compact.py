@@ -79,14 +79,51 @@ def test_parameter_grad_and_optimizer_state(device):
     weight, state = conv.weight, opt.state[conv.weight]
     expected = {name: reference.compact(t, keep, 0) for name, t in state.items() if t.dim() > 0}
     expected_grad = reference.compact(weight.grad, keep, 0)
-    ops.compact_parameter_(weight, keep, 0)
-    for t in expected:
-        ops.compact_(state[t], keep, 0)
+    ops.compact_parameter_(weight, keep, 0, optimizer=opt)
     assert conv.weight is weight and isinstance(weight, torch.nn.Parameter) and weight.requires_grad
     assert weight.shape == (4, 4, 3, 3) and torch.equal(weight.grad, expected_grad)
     for name, t in expected.items():
         assert torch.equal(state[name], t)
+    assert state["step"].dim() == 0  # scalars stay as they are
     opt.step()  # same optimizer, compacted state: runs without a shape error
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make_optimizer", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.Adam(p, lr=0.1),
+    lambda p: torch.optim.AdamW(p, lr=0.1, amsgrad=True),
+], ids=["sgd_momentum", "adam", "adamw_amsgrad"])
+def test_optimizer_goes_on_training(device, make_optimizer):
+    """A step of the same optimizer after compaction equals a step of a fresh optimizer whose
+    state was built from the compacted originals."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3).to(device)
+    opt = make_optimizer(conv.parameters())
+    x = torch.randn(2, 4, 5, 5, device=device)
+    for _ in range(2):
+        opt.zero_grad()
+        conv(x).square().mean().backward()
+        opt.step()
+    keep = [0, 3, 5]
+    expected_state = {name: {k: reference.compact(v, keep, 0) if v.dim() else v.clone()
+                             for k, v in opt.state[p].items()}
+                      for name, p in conv.named_parameters()}
+    for p in conv.parameters():
+        ops.compact_parameter_(p, keep, 0, optimizer=opt)
+    conv.out_channels = 3
+
+    fresh = torch.nn.Conv2d(4, 3, 3).to(device)
+    fresh.load_state_dict(conv.state_dict())
+    fresh_opt = make_optimizer(fresh.parameters())
+    for name, p in fresh.named_parameters():
+        fresh_opt.state[p] = expected_state[name]
+    for model, optimizer in ((conv, opt), (fresh, fresh_opt)):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    for (name, p), q in zip(conv.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
