@@ -1,0 +1,64 @@
+"""Physically removing channels: every tensor slot of the chosen groups compacted in place.
+
+Given an Analysis (polyprune_ext.dependency) and, for some prunable groups, the channels to keep,
+each affected parameter or buffer dim is compacted with polyprune_ext.ops.compact_ (so
+Parameters, their .grad and the optimizer's state stay the same objects), and the modules'
+channel attributes are updated so that repr and a new analysis see the new sizes.
+"""
+
+import collections
+from typing import Optional
+
+import torch
+
+from . import ops
+from .dependency import Analysis
+
+
+def prune_(model: torch.nn.Module, analysis: Analysis, keep: dict,
+           optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Keep, for each group index ``i`` in ``keep``, the channels ``keep[i]`` of
+    ``analysis.groups[i]`` (sorted unique indices), and remove the rest from ``model`` in place."""
+    kept = collections.defaultdict(list)  # (tensor name, dim) -> kept indices of each group in it
+    covered = collections.defaultdict(list)  # (tensor name, dim) -> every group's indices in it
+    for i, group in enumerate(analysis.groups):
+        if i in keep and not group.prunable:
+            raise ValueError(f"group {i} cannot be pruned: {'; '.join(group.frozen)}")
+        channels = torch.as_tensor(keep[i], dtype=torch.int64) if i in keep else torch.arange(group.size)
+        if i in keep and channels.numel() == 0:
+            raise ValueError(f"group {i}: keep at least one channel")
+        for slot in group.slots:
+            kept[(slot.name, slot.dim)].append(slot.offset + channels)
+            covered[(slot.name, slot.dim)].append(slot.offset + torch.arange(group.size))
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    for (name, dim), parts in kept.items():
+        tensor = tensors[name]
+        # Every channel of a pruned dim must belong to exactly one group, or the analysis is wrong.
+        if not torch.equal(torch.cat(covered[(name, dim)]).sort().values, torch.arange(tensor.shape[dim])):
+            raise RuntimeError(f"channel groups do not cover dim {dim} of {name} exactly once")
+        indices = torch.cat(parts).sort().values
+        if indices.numel() == tensor.shape[dim]:
+            continue
+        if isinstance(tensor, torch.nn.Parameter):
+            ops.compact_parameter_(tensor, indices, dim, optimizer)
+        else:
+            ops.compact_(tensor, indices, dim)
+    update_module_attributes(model)
+
+
+def update_module_attributes(model: torch.nn.Module) -> None:
+    """Channel counts of convs and batch norms read back from their (compacted) tensors."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.conv._ConvNd):
+            depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            if depthwise:
+                m.groups = m.weight.shape[0]
+            if m.transposed:
+                m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+            else:
+                m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            reference = m.weight if m.weight is not None else m.running_mean
+            if reference is not None:
+                m.num_features = reference.shape[0]

@@ -1,0 +1,151 @@
+"""Channel-group analysis and physical pruning, proved by function preservation.
+
+In a float64 copy of the model, the channels to be removed are zeroed at every gate of their
+group, so they contribute nothing; the physically pruned model must then give the same output.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from polyprune_ext.dependency import analyze
+from polyprune_ext.model_stats import model_stats
+from polyprune_ext.surgery import prune_
+
+
+def randomize_norms(model):
+    """Batch norms that are not identities, so that a zeroed channel is not trivially zero."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+
+
+def zeroed_reference(model, analysis, keep):
+    """A copy of model whose removed channels are zeroed at each of their group's gates."""
+    reference = copy.deepcopy(model)
+    for i, group in enumerate(analysis.groups):
+        if i not in keep:
+            continue
+        drop = torch.ones(group.size, dtype=torch.bool)
+        drop[keep[i]] = False
+        for module, offset in group.gates:
+            def zero(m, inputs, out, drop=drop, offset=offset):
+                out = out.clone()
+                channels = out[:, offset:offset + len(drop)]
+                channels[:, drop] = 0
+                return out
+            reference.get_submodule(module).register_forward_hook(zero)
+    return reference
+
+
+def prune_and_compare(model, x, ratio, seed=0):
+    """Prune `ratio` of every prunable group at random; return (analysis, before, after, error)."""
+    model, x = model.double().eval(), x.double()
+    randomize_norms(model)
+    analysis = analyze(model, x)
+    gen = torch.Generator().manual_seed(seed)
+    keep = {i: torch.randperm(g.size, generator=gen)[: max(1, round(g.size * (1 - ratio)))].sort().values
+            for i, g in enumerate(analysis.groups) if g.prunable}
+    reference = zeroed_reference(model, analysis, keep)
+    before = model_stats(model, x)
+    with torch.no_grad():
+        expected, original = reference(x), model(x)
+    assert not torch.allclose(expected, original), "zeroing changed nothing: the check would be empty"
+    prune_(model, analysis, keep)
+    with torch.no_grad():
+        got = model(x)
+    assert got.shape == expected.shape
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    return analysis, before, model_stats(model, x), error
+
+
+class Toy(torch.nn.Module):
+    """Residual add, U-Net style concatenation, depthwise conv, squeeze-excitation gate."""
+
+    def __init__(self):
+        super().__init__()
+        bn = torch.nn.BatchNorm2d
+        self.stem, self.stem_bn = torch.nn.Conv2d(3, 8, 3, padding=1), bn(8)
+        self.res, self.res_bn = torch.nn.Conv2d(8, 8, 3, padding=1), bn(8)
+        self.dw, self.dw_bn = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), bn(8)
+        self.squeeze, self.excite = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 8, 1)
+        self.down = torch.nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose2d(12, 6, 2, stride=2)
+        self.fuse, self.fuse_bn = torch.nn.Conv2d(8 + 6, 10, 3, padding=1), bn(10)
+        self.head = torch.nn.Conv2d(10, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        x = torch.relu(x + self.res_bn(self.res(x)))
+        x = torch.relu(self.dw_bn(self.dw(x)))
+        x = x * torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+        skip = x
+        x = self.up(torch.relu(self.down(x)))
+        x = torch.relu(self.fuse_bn(self.fuse(torch.cat([skip, x], 1))))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_toy_model_function_preserved(ratio):
+    analysis, before, after, error = prune_and_compare(Toy(), torch.randn(2, 3, 16, 16), ratio)
+    assert error <= 1e-6
+    assert len(analysis.prunable) == 5  # stem+res+dw+excite tied, squeeze, down, up, fuse
+    assert after.params < before.params and after.flops < before.flops
+
+
+def test_module_attributes_follow():
+    model = Toy().double()
+    analysis = analyze(model, torch.randn(1, 3, 8, 8).double())
+    keep = {i: torch.arange(g.size // 2) for i, g in enumerate(analysis.groups) if g.prunable}
+    prune_(model, analysis, keep)
+    assert (model.stem.out_channels, model.dw.groups, model.dw.in_channels) == (4, 4, 4)
+    assert (model.up.in_channels, model.up.out_channels, model.fuse.in_channels) == (6, 3, 7)
+    assert model.fuse_bn.num_features == model.fuse.out_channels == 5
+    again = analyze(model, torch.randn(1, 3, 8, 8).double())  # a new analysis sees the new sizes
+    assert sorted(g.size for g in again.prunable) == sorted(g.size // 2 for g in analysis.prunable)
+
+
+class WithUnknownOp(Toy):
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x))).flip(1)  # an op the analysis has no rule for
+        return self.head(torch.relu(self.fuse_bn(self.fuse(torch.cat([x, x[:, :6]], 1)))))
+
+
+def test_unknown_op_is_reported_and_frozen():
+    analysis, _, _, error = prune_and_compare(WithUnknownOp(), torch.randn(1, 3, 8, 8), 0.5)
+    assert error <= 1e-6
+    report = analysis.report()
+    assert "flip" in report and "stem" in report
+    assert all("stem_bn" not in m for g in analysis.prunable for m, _ in g.gates)
+
+
+def test_frozen_group_cannot_be_pruned():
+    model = Toy().double()
+    analysis = analyze(model, torch.randn(1, 3, 8, 8).double())
+    frozen = next(i for i, g in enumerate(analysis.groups) if not g.prunable)
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        prune_(model, analysis, {frozen: [0]})
+
+
+SMP_MODELS = [
+    ("Unet", "resnet34"), ("Unet", "resnext50_32x4d"), ("Unet", "se_resnet50"),
+    ("Unet", "efficientnet-b0"), ("Unet", "mobilenet_v2"), ("Unet", "densenet121"),
+    ("Unet", "vgg11_bn"), ("Unet", "mit_b0"), ("Unet", "tu-convnext_atto"),
+    ("UnetPlusPlus", "resnet34"), ("FPN", "resnet34"), ("PSPNet", "resnet34"),
+    ("DeepLabV3", "resnet34"), ("DeepLabV3Plus", "resnet34"), ("Linknet", "resnet34"),
+    ("MAnet", "resnet34"), ("PAN", "resnet34"), ("UPerNet", "resnet34"), ("Segformer", "resnet34"),
+]
+
+
+@pytest.mark.parametrize("arch,encoder", SMP_MODELS, ids=lambda v: str(v))
+def test_smp_function_preserved(arch, encoder):
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = getattr(smp, arch)(encoder, encoder_weights=None)
+    analysis, before, after, error = prune_and_compare(model, torch.randn(1, 3, 128, 128), 0.5)
+    assert error <= 1e-6
+    assert analysis.prunable and after.flops < before.flops and after.params < before.params
