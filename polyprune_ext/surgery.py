@@ -16,9 +16,12 @@ from .dependency import Analysis
 
 
 def prune_(model: torch.nn.Module, analysis: Analysis, keep: dict,
-           optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+           optimizer: Optional[torch.optim.Optimizer] = None) -> dict:
     """Keep, for each group index ``i`` in ``keep``, the channels ``keep[i]`` of
-    ``analysis.groups[i]`` (sorted unique indices), and remove the rest from ``model`` in place."""
+    ``analysis.groups[i]`` (sorted unique indices), and remove the rest from ``model`` in place.
+
+    Returns the step as plain data, for a pruning plan (polyprune_ext.checkpoint): the group
+    sizes it was made for and the channels kept."""
     kept = collections.defaultdict(list)  # (tensor name, dim) -> kept indices of each group in it
     covered = collections.defaultdict(list)  # (tensor name, dim) -> every group's indices in it
     for i, group in enumerate(analysis.groups):
@@ -45,6 +48,8 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: dict,
         else:
             ops.compact_(tensor, indices, dim)
     update_module_attributes(model)
+    return {"group_sizes": [g.size for g in analysis.groups],
+            "keep": {str(i): torch.as_tensor(k).tolist() for i, k in sorted(keep.items())}}
 
 
 def update_module_attributes(model: torch.nn.Module) -> None:
