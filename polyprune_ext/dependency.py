@@ -19,7 +19,7 @@ image channels and the classes are fixed).
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -267,11 +267,11 @@ class Analysis:
         return "\n".join(lines)
 
 
-def analyze(model: torch.nn.Module, example_input: Any,
-            ignore: Optional[list] = None) -> Analysis:
+def analyze(model: torch.nn.Module, example_input: Any) -> Analysis:
     """Channel groups of ``model`` from one forward pass on ``example_input`` (a tensor or a tuple
-    of positional arguments), in eval mode without autograd; the model's mode is restored.
-    Groups that touch a module in ``ignore`` (names) are frozen."""
+    of positional arguments), in eval mode without autograd; the model's mode is restored. Every
+    activation of that pass is held until it ends (their ids name the channel spaces), so a
+    batch of one is enough and cheapest."""
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     named = dict(model.named_parameters())
     named.update(model.named_buffers())
@@ -288,9 +288,4 @@ def analyze(model: torch.nn.Module, example_input: Any,
         model.train(was_training)
     for y in tree_leaves(outputs):
         tracer.groups.freeze(tracer.channels(y) or [], "model output")
-    groups = tracer.groups.roots()
-    for g in groups:
-        for module in ignore or []:
-            if any(s.name.startswith(module + ".") for s in g.slots):
-                g.frozen.append(f"{module} is ignored")
-    return Analysis(groups)
+    return Analysis(tracer.groups.roots())
