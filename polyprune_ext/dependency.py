@@ -120,6 +120,7 @@ class _Tracer(TorchDispatchMode):
         self.names = names_by_storage  # storage pointer -> parameter or buffer name
         self.groups = _Groups()
         self.space = {}  # id(tensor) -> list of group ids along dim 1
+        self.flops_per_weight = {}  # conv weight name -> FLOPs per weight element, this input
         self.alive = []  # keeps traced tensors alive so their ids stay unique
 
     def channels(self, t):
@@ -194,6 +195,10 @@ class _Tracer(TorchDispatchMode):
             self.frozen_space(out, why)
             return
         in_channels, out_channels = x.shape[1], out.shape[1]
+        # Every weight element is one multiply-add (2 FLOPs) per position of the output (of the
+        # input, for a transposed conv) in every sample: the count torch.utils.flop_counter gives.
+        positions = (x if transposed else out).shape[2:].numel() * out.shape[0]
+        self.flops_per_weight[name] = self.flops_per_weight.get(name, 0) + 2 * positions
         if groups == 1:
             self.add_slots(space, name, 0 if transposed else 1)
             group = self.groups.new(out_channels, gate=(module, 0))
@@ -252,6 +257,8 @@ class _Tracer(TorchDispatchMode):
 @dataclasses.dataclass
 class Analysis:
     groups: list  # ChannelGroup, prunable and frozen
+    shapes: dict  # parameter name -> shape
+    flops_per_weight: dict  # conv weight name -> FLOPs per weight element on the example input
 
     @property
     def prunable(self):
@@ -288,4 +295,5 @@ def analyze(model: torch.nn.Module, example_input: Any) -> Analysis:
         model.train(was_training)
     for y in tree_leaves(outputs):
         tracer.groups.freeze(tracer.channels(y) or [], "model output")
-    return Analysis(tracer.groups.roots())
+    return Analysis(tracer.groups.roots(), {n: tuple(p.shape) for n, p in model.named_parameters()},
+                    tracer.flops_per_weight)

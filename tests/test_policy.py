@@ -1,0 +1,78 @@
+"""Channel selection: targets met, costs predicted exactly, limits kept, bad input refused."""
+
+import copy
+
+import pytest
+import torch
+
+from polyprune_ext.dependency import analyze
+from polyprune_ext.model_stats import model_stats
+from polyprune_ext.policy import cost, select_channels
+from polyprune_ext.surgery import prune_
+from test_dependency import Toy
+
+
+def random_scores(analysis, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {i: torch.rand(g.size, generator=gen) for i, g in enumerate(analysis.groups) if g.prunable}
+
+
+def models():
+    yield "toy", Toy().eval(), torch.randn(2, 3, 16, 16)
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    yield "unet-resnet18", smp.Unet("resnet18", encoder_weights=None).eval(), torch.randn(1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("target", ["flops", "params", "channels"])
+@pytest.mark.parametrize("scope", ["global", "per_layer"])
+def test_target_met_and_cost_exact(target, scope):
+    for name, model, x in models():
+        model = copy.deepcopy(model)
+        analysis = analyze(model, x)
+        full = cost(analysis)
+        before = model_stats(model, x)
+        assert (full["params"], full["flops"]) == (before.params, before.flops), name
+        keep = select_channels(analysis, random_scores(analysis), amount=0.5, target=target, scope=scope)
+        predicted = cost(analysis, {i: len(k) for i, k in keep.items()})
+        prune_(model, analysis, keep)
+        after = model_stats(model, x)
+        assert (predicted["params"], predicted["flops"]) == (after.params, after.flops), name
+        assert predicted[target] <= 0.5 * full[target], name
+
+
+def test_global_ranking_takes_the_lowest_scores_first():
+    analysis = analyze(Toy().eval(), torch.randn(1, 3, 8, 8))
+    scores = random_scores(analysis)
+    low, high = sorted(scores)[:2]
+    scores[high] = scores[high] + 100  # every channel of this group outranks all others
+    keep = select_channels(analysis, scores, amount=0.2, target="channels")
+    assert high not in keep and low in keep
+
+
+def test_limits_and_rounding():
+    analysis = analyze(Toy().eval(), torch.randn(1, 3, 8, 8))
+    with pytest.warns(UserWarning, match="limits allow removing only"):
+        keep = select_channels(analysis, random_scores(analysis), amount=0.95, target="channels",
+                               min_channels=3, max_ratio=0.5, round_to=2)
+    for i, k in keep.items():
+        size = analysis.groups[i].size
+        assert len(k) >= 3 and len(k) >= size / 2 and (len(k) % 2 == 0 or len(k) == size)
+        assert torch.equal(k, k.unique())  # sorted and unique
+
+
+def test_bad_input():
+    analysis = analyze(Toy().eval(), torch.randn(1, 3, 8, 8))
+    scores = random_scores(analysis)
+    frozen = next(i for i, g in enumerate(analysis.groups) if not g.prunable)
+    some = next(iter(scores))
+    cases = [
+        (dict(scores={frozen: torch.rand(analysis.groups[frozen].size)}), "cannot be pruned"),
+        (dict(scores={some: torch.rand(analysis.groups[some].size + 1)}), "values for a group"),
+        (dict(scores=scores, target="latency"), "target must be one of"),
+        (dict(scores=scores, scope="module"), "scope must be"),
+        (dict(scores=scores, amount=1.0), "fraction to remove"),
+    ]
+    for kwargs, message in cases:
+        kwargs.setdefault("amount", 0.5)
+        with pytest.raises(ValueError, match=message):
+            select_channels(analysis, **kwargs)
