@@ -1,0 +1,191 @@
+"""Structural pruning of smp models, ours against Torch-Pruning: is the result right, how long did it take.
+
+For each model (float64, eval mode, batch norms with random statistics so that nothing is
+trivially zero), 50% of the channels of every prunable group are chosen at random and removed by
+each library. "Right" is function preservation: a copy of the unpruned model in which the removed
+channels are zeroed at every module that, by the library's own account, produces them must give
+the same output as the pruned model (relative error <= 1e-6). A model that prunes but gives another
+output, or changes the output shape, is "wrong"; exceptions and runs past --timeout are reported.
+
+Each trial runs in its own process (Torch-Pruning has hung on some models). Time is analysis plus
+pruning, without the model's construction or the check. Also: the time of our analysis plus a 50%
+prune of Unet with resnet34, resnet50 and efficientnet-b0 at 352x352.
+
+Torch-Pruning is a benchmark-only dependency: pip install ../shared/wheels/torch_pruning-*.whl.
+Prints markdown tables and appends them to benchmarks/RESULTS.md (--no-append skips that).
+"""
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = [
+    ("Unet", "resnet34"), ("Unet", "resnet50"), ("Unet", "efficientnet-b0"),
+    ("Unet", "resnext50_32x4d"), ("Unet", "se_resnet50"), ("Unet", "mobilenet_v2"),
+    ("Unet", "densenet121"), ("Unet", "vgg11_bn"), ("Unet", "mit_b0"), ("Unet", "tu-convnext_atto"),
+    ("UnetPlusPlus", "resnet34"), ("FPN", "resnet34"), ("PSPNet", "resnet34"),
+    ("PSPNet", "efficientnet-b0"), ("PSPNet", "mobilenet_v2"), ("DeepLabV3", "resnet34"),
+    ("DeepLabV3Plus", "resnet34"), ("Linknet", "resnet34"), ("MAnet", "resnet34"), ("PAN", "resnet34"),
+    ("UPerNet", "resnet34"), ("Segformer", "resnet34"),
+]
+SIZE = 128
+
+
+def build(arch, encoder):
+    import segmentation_models_pytorch as smp
+
+    model = getattr(smp, arch)(encoder, encoder_weights=None).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model
+
+
+def zero_hook(channels):
+    def hook(module, inputs, out):
+        out = out.clone()
+        out[:, channels] = 0
+        return out
+    return hook
+
+
+def half(size, gen):
+    return torch.randperm(size, generator=gen)[: size // 2].sort().values.tolist()
+
+
+def ours(model, x, gen):
+    """(zeroed reference, seconds) after pruning model in place with polyprune_ext."""
+    from polyprune_ext.dependency import analyze
+    from polyprune_ext.surgery import prune_
+
+    reference = copy.deepcopy(model)
+    start = time.perf_counter()
+    analysis = analyze(model, x)
+    drop = {i: half(g.size, gen) for i, g in enumerate(analysis.groups) if g.prunable and g.size > 1}
+    keep = {i: sorted(set(range(analysis.groups[i].size)) - set(d)) for i, d in drop.items()}
+    prune_(model, analysis, keep)
+    seconds = time.perf_counter() - start
+    for i, channels in drop.items():
+        for module, offset in analysis.groups[i].gates:
+            reference.get_submodule(module).register_forward_hook(zero_hook([offset + c for c in channels]))
+    return reference, seconds
+
+
+def torch_pruning(model, x, gen):
+    """The same with Torch-Pruning's dependency graph, every Conv2d group but the head."""
+    import torch_pruning as tp
+
+    reference = copy.deepcopy(model)
+    names = {m: n for n, m in model.named_modules()}
+    zeroed = []
+    start = time.perf_counter()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x)
+    head = [m for m in model.segmentation_head.modules() if isinstance(m, torch.nn.Conv2d)]
+    for group in graph.get_all_groups(ignored_layers=head, root_module_types=[torch.nn.Conv2d]):
+        root, handler = group[0].dep.target.module, group[0].dep.handler
+        if len(group[0].idxs) < 2:
+            continue
+        group = graph.get_pruning_group(root, handler, idxs=half(len(group[0].idxs), gen))
+        for item in group:
+            module = item.dep.target.module
+            if item.dep.handler.__name__ == "prune_out_channels" and module in names and \
+                    isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+                zeroed.append((names[module], list(item.idxs)))
+        group.prune()
+    seconds = time.perf_counter() - start
+    for name, channels in zeroed:
+        reference.get_submodule(name).register_forward_hook(zero_hook(channels))
+    return reference, seconds
+
+
+def trial(library, arch, encoder):
+    """One model with one library: a dict with status, error, seconds, params before and after."""
+    model = build(arch, encoder)
+    x = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
+    params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    try:
+        reference, seconds = (ours if library == "ours" else torch_pruning)(model, x, gen)
+        with torch.no_grad():
+            expected, got = reference(x), model(x)
+    except Exception as error:  # reported, not hidden: the table says what broke
+        return {"status": f"error: {type(error).__name__}: {str(error)[:80]}"}
+    after = sum(p.numel() for p in model.parameters())
+    if got.shape != expected.shape:
+        return {"status": "wrong (output shape)", "seconds": seconds}
+    error = ((got - expected).abs().max() / expected.abs().max()).item()
+    return {"status": "right" if error <= 1e-6 else "wrong (output)", "error": error,
+            "seconds": seconds, "params": [params, after]}
+
+
+def run_trial(library, arch, encoder, timeout):
+    command = [sys.executable, __file__, "--trial", library, arch, encoder]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout ({timeout} s)"}
+    lines = done.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else \
+        {"status": f"crashed: {done.stderr.strip().splitlines()[-1][:80] if done.stderr.strip() else done.returncode}"}
+
+
+def unet_timings():
+    import segmentation_models_pytorch as smp
+
+    from polyprune_ext.dependency import analyze
+    from polyprune_ext.surgery import prune_
+
+    rows = ["| model (352x352, float32) | analysis + 50% prune s |", "|---|---|"]
+    for encoder in ("resnet34", "resnet50", "efficientnet-b0"):
+        model = smp.Unet(encoder, encoder_weights=None).eval()
+        start = time.perf_counter()
+        analysis = analyze(model, torch.randn(1, 3, 352, 352))
+        prune_(model, analysis, {i: list(range(g.size // 2 or 1)) for i, g in enumerate(analysis.groups)
+                                 if g.prunable})
+        rows.append(f"| Unet-{encoder} | {time.perf_counter() - start:.2f} |")
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--timeout", type=int, default=120, help="seconds per trial")
+    parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--trial", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trial:
+        print(json.dumps(trial(*args.trial)))
+        return
+    from bench_ops import append_results, heading
+
+    report = heading("cpu") + [f"### Structural pruning, 50% of every group at random, {SIZE}x{SIZE}, float64", "",
+                               "| model | ours | ours s | Torch-Pruning 1.6.1 | Torch-Pruning s |", "|---|---|---|---|---|"]
+    print("\n".join(report), flush=True)
+    right = {"ours": 0, "tp": 0}
+    for arch, encoder in MODELS:
+        results = {lib: run_trial(lib, arch, encoder, args.timeout) for lib in ("ours", "tp")}
+        cells = []
+        for lib, r in results.items():
+            right[lib] += r["status"] == "right"
+            detail = f" ({r['error']:.0e})" if "error" in r and r["status"] != "right" else ""
+            cells += [r["status"] + detail, f"{r['seconds']:.2f}" if "seconds" in r else "-"]
+        report.append(f"| {arch}-{encoder} | " + " | ".join(cells) + " |")
+        print(report[-1], flush=True)
+    report += ["", f"Pruned right: ours {right['ours']}/{len(MODELS)}, Torch-Pruning {right['tp']}/{len(MODELS)}.", ""]
+    report += unet_timings()
+    print("\n".join(report[-6:]))
+    if not args.no_append:
+        append_results(report)
+
+
+if __name__ == "__main__":
+    main()
