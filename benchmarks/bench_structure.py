@@ -145,14 +145,22 @@ def unet_timings():
     from polyprune_ext.dependency import analyze
     from polyprune_ext.surgery import prune_
 
-    rows = ["| model (352x352, float32) | analysis + 50% prune s |", "|---|---|"]
+    rows = ["| model (352x352, float32) | analysis + 50% prune s | encoder conv output channels in prunable groups |",
+            "|---|---|---|"]
     for encoder in ("resnet34", "resnet50", "efficientnet-b0"):
         model = smp.Unet(encoder, encoder_weights=None).eval()
         start = time.perf_counter()
         analysis = analyze(model, torch.randn(1, 3, 352, 352))
         prune_(model, analysis, {i: list(range(g.size // 2 or 1)) for i, g in enumerate(analysis.groups)
                                  if g.prunable})
-        rows.append(f"| Unet-{encoder} | {time.perf_counter() - start:.2f} |")
+        seconds = time.perf_counter() - start
+        # A conv's output channels are the group holding its weight's dim 0.
+        outputs = [(g.size, g.prunable) for g in analysis.groups for s in g.slots
+                   if s.dim == 0 and s.name.startswith("encoder.") and
+                   isinstance(model.get_submodule(s.name.rsplit(".", 1)[0]), torch.nn.Conv2d) and
+                   s.name.endswith(".weight")]
+        share = sum(n for n, ok in outputs if ok) / sum(n for n, _ in outputs)
+        rows.append(f"| Unet-{encoder} | {seconds:.2f} | {share:.0%} |")
     return rows
 
 
@@ -180,9 +188,10 @@ def main():
             cells += [r["status"] + detail, f"{r['seconds']:.2f}" if "seconds" in r else "-"]
         report.append(f"| {arch}-{encoder} | " + " | ".join(cells) + " |")
         print(report[-1], flush=True)
-    report += ["", f"Pruned right: ours {right['ours']}/{len(MODELS)}, Torch-Pruning {right['tp']}/{len(MODELS)}.", ""]
-    report += unet_timings()
-    print("\n".join(report[-6:]))
+    tail = ["", f"Pruned right: ours {right['ours']}/{len(MODELS)}, Torch-Pruning {right['tp']}/{len(MODELS)}.",
+            ""] + unet_timings()
+    report += tail
+    print("\n".join(tail))
     if not args.no_append:
         append_results(report)
 
