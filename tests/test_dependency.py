@@ -142,10 +142,36 @@ SMP_MODELS = [
 ]
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
 @pytest.mark.parametrize("arch,encoder", SMP_MODELS, ids=lambda v: str(v))
-def test_smp_function_preserved(arch, encoder):
+def test_smp_function_preserved(arch, encoder, ratio):
     smp = pytest.importorskip("segmentation_models_pytorch")
     model = getattr(smp, arch)(encoder, encoder_weights=None)
-    analysis, before, after, error = prune_and_compare(model, torch.randn(1, 3, 128, 128), 0.5)
+    analysis, before, after, error = prune_and_compare(model, torch.randn(1, 3, 128, 128), ratio)
     assert error <= 1e-6
     assert analysis.prunable and after.flops < before.flops and after.params < before.params
+
+
+def test_optimizer_state_follows_the_parameters():
+    """prune_ compacts AdamW's state exactly as it compacts each parameter, and the same
+    optimizer then goes on training. Marker: every state tensor starts equal to its parameter
+    (squared for exp_avg_sq), so afterwards it must equal the pruned parameter."""
+    torch.manual_seed(0)
+    model = Toy()
+    x, target = torch.randn(2, 3, 8, 8), torch.randn(2, 2, 8, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    torch.nn.functional.mse_loss(model(x), target).backward()
+    opt.step()
+    for p in model.parameters():
+        opt.state[p]["exp_avg"].copy_(p.detach())
+        opt.state[p]["exp_avg_sq"].copy_(p.detach().square())
+    analysis = analyze(model, x)
+    keep = {i: torch.arange(0, g.size, 2) for i, g in enumerate(analysis.groups) if g.prunable}
+    prune_(model, analysis, keep, optimizer=opt)
+    for p in model.parameters():
+        assert torch.equal(opt.state[p]["exp_avg"], p.detach())
+        assert torch.equal(opt.state[p]["exp_avg_sq"], p.detach().square())
+        assert p.grad.shape == p.shape
+    opt.zero_grad()
+    torch.nn.functional.mse_loss(model(x), target).backward()
+    opt.step()  # the same optimizer object trains the pruned model
