@@ -158,7 +158,8 @@ class _Tracer(TorchDispatchMode):
             self.convolution(args, first_out, func)
         elif packet in BATCH_NORMS:
             self.batch_norm(args, first_out)
-        elif packet in PASS_THROUGH and self.channels(args[0]) is not None:
+        elif packet in PASS_THROUGH and self.channels(args[0]) is not None and \
+                first_out.dim() == args[0].dim() and first_out.shape[1] == args[0].shape[1]:
             self.set_space(first_out, self.channels(args[0]))
         elif packet in ELEMENTWISE:
             self.elementwise(args, first_out, func)
@@ -231,22 +232,32 @@ class _Tracer(TorchDispatchMode):
             self.add_gates(space, names[0].rsplit(".", 1)[0])
         self.set_space(out, space)
 
+    @staticmethod
+    def varies_per_channel(t, like):
+        """Whether t, broadcast against the activation `like`, holds a value per channel of it."""
+        if not isinstance(t, torch.Tensor):
+            return False
+        i = 1 - (like.dim() - t.dim())  # t's dim that lines up with like's channels
+        return 0 <= i < t.dim() and t.shape[i] != 1
+
     def elementwise(self, args, out, func):
         a, b = args[0], args[1] if len(args) > 1 else None
         sa, sb = self.channels(a), self.channels(b)
-        if sa is not None and sb is not None and a.shape[1] == b.shape[1]:
+        if sa is not None and sb is not None and a.dim() == b.dim() and a.shape[1] == b.shape[1]:
             if [self.groups.get(g).size for g in sa] != [self.groups.get(g).size for g in sb]:
                 self.groups.freeze(sa + sb, f"{func} of differently concatenated channels")
             else:
                 for ga, gb in zip(sa, sb):
                     self.groups.tie(ga, gb, str(func))
             self.set_space(out, sa)
-        elif sa is not None and (not isinstance(b, torch.Tensor) or b.dim() < 2 or b.shape[1] == 1):
+        elif sa is not None and not self.varies_per_channel(b, a):  # b: scalar, or one per sample
             self.set_space(out, sa)
-        elif sb is not None and (not isinstance(a, torch.Tensor) or a.dim() < 2 or a.shape[1] == 1):
+        elif sb is not None and not self.varies_per_channel(a, b):
             self.set_space(out, sb)
-        else:
-            self.groups.freeze((sa or []) + (sb or []), f"{func} broadcasting channels")
+        else:  # e.g. a per-channel scale the rules do not follow: its channels stay
+            why = f"{func} with a per-channel operand that is not traced"
+            self.groups.freeze((sa or []) + (sb or []), why)
+            self.frozen_space(out, why)
 
     def concatenate(self, tensors, out, func):
         spaces = [self.channels(t) or self.frozen_space(t, f"{func} input of unknown origin")

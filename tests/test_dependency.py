@@ -124,6 +124,26 @@ def test_unknown_op_is_reported_and_frozen():
     assert all("stem_bn" not in m for g in analysis.prunable for m, _ in g.gates)
 
 
+class WithUntracedPerChannelOps(Toy):
+    def __init__(self):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.rand(8, 1, 1) + 0.5)  # a layer scale
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x))) * self.gamma  # per-channel, not a module's
+        x = torch.nn.functional.pad(self.res(x), (0, 0, 0, 0, 0, 6))  # pads the channel dim
+        return self.head(torch.relu(self.fuse_bn(self.fuse(x))))
+
+
+def test_untraced_per_channel_operands_freeze():
+    analysis, _, _, error = prune_and_compare(WithUntracedPerChannelOps(), torch.randn(1, 3, 8, 8), 0.5)
+    assert error <= 1e-6
+    report = analysis.report()
+    assert "per-channel operand" in report and "constant_pad_nd" in report
+    prunable_gates = {m for g in analysis.prunable for m, _ in g.gates}
+    assert prunable_gates == {"fuse", "fuse_bn"}
+
+
 def test_frozen_group_cannot_be_pruned():
     model = Toy().double()
     analysis = analyze(model, torch.randn(1, 3, 8, 8).double())
