@@ -25,6 +25,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .model_stats import forward_once
+
 aten = torch.ops.aten
 
 # Ops whose first output keeps the channel space of their first input.
@@ -275,6 +277,11 @@ class Analysis:
     def prunable(self):
         return [g for g in self.groups if g.prunable]
 
+    def check_prunable(self, i: int) -> None:
+        """ValueError, saying why, unless group ``i`` may be pruned."""
+        if not self.groups[i].prunable:
+            raise ValueError(f"group {i} cannot be pruned: {'; '.join(self.groups[i].frozen)}")
+
     def report(self) -> str:
         """The frozen groups and why, one line each."""
         lines = []
@@ -287,23 +294,16 @@ class Analysis:
 
 def analyze(model: torch.nn.Module, example_input: Any) -> Analysis:
     """Channel groups of ``model`` from one forward pass on ``example_input`` (a tensor or a tuple
-    of positional arguments), in eval mode without autograd; the model's mode is restored. Every
-    activation of that pass is held until it ends (their ids name the channel spaces), so a
+    of positional arguments), run by forward_once. Every activation of that pass is held until
+    it ends (their ids name the channel spaces), so a
     batch of one is enough and cheapest."""
-    args = example_input if isinstance(example_input, tuple) else (example_input,)
     named = dict(model.named_parameters())
     named.update(model.named_buffers())
     tracer = _Tracer({t.untyped_storage().data_ptr(): n for n, t in named.items() if t.numel()})
-    for x in args:
+    for x in tree_leaves(example_input):
         if isinstance(x, torch.Tensor) and x.dim() >= 2:
             tracer.set_space(x, [tracer.groups.new(x.shape[1], frozen="model input")])
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad(), tracer:
-            outputs = model(*args)
-    finally:
-        model.train(was_training)
+    outputs = forward_once(model, example_input, tracer)
     for y in tree_leaves(outputs):
         tracer.groups.freeze(tracer.channels(y) or [], "model output")
     return Analysis(tracer.groups.roots(), {n: tuple(p.shape) for n, p in model.named_parameters()},

@@ -56,19 +56,18 @@ def select_channels(analysis: Analysis, scores: dict, *, amount: float, target: 
         raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
     if not 0 <= amount < 1:
         raise ValueError(f"amount is the fraction to remove, in [0, 1); got {amount}")
-    groups = {}
+    groups, ranking = {}, []  # ranking: (score, group) of every scored channel, lowest first
     for i, s in scores.items():
+        analysis.check_prunable(i)
         group = analysis.groups[i]
-        if not group.prunable:
-            raise ValueError(f"group {i} cannot be pruned: {'; '.join(group.frozen)}")
         s = torch.as_tensor(s, dtype=torch.float64).flatten()
         if s.numel() != group.size:
             raise ValueError(f"scores[{i}] has {s.numel()} values for a group of {group.size} channels")
         floor = min(group.size, max(min_channels, math.ceil(group.size * (1 - max_ratio))))
         groups[i] = (s.argsort(descending=True), floor)  # best first
+        ranking += [(float(v), i) for v in s]
+    ranking.sort()
     full = cost(analysis)[target]
-    ranking = sorted((float(s), i) for i, s_ in scores.items()
-                     for s in torch.as_tensor(s_, dtype=torch.float64).flatten())
 
     def kept_counts(step: int, steps: int) -> dict:
         if scope == "global":  # the `step` lowest-scored channels of the ranking go

@@ -25,8 +25,8 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: dict,
     kept = collections.defaultdict(list)  # (tensor name, dim) -> kept indices of each group in it
     covered = collections.defaultdict(list)  # (tensor name, dim) -> every group's indices in it
     for i, group in enumerate(analysis.groups):
-        if i in keep and not group.prunable:
-            raise ValueError(f"group {i} cannot be pruned: {'; '.join(group.frozen)}")
+        if i in keep:
+            analysis.check_prunable(i)
         channels = torch.as_tensor(keep[i], dtype=torch.int64) if i in keep else torch.arange(group.size)
         if i in keep and channels.numel() == 0:
             raise ValueError(f"group {i}: keep at least one channel")
