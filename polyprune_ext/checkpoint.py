@@ -2,7 +2,8 @@
 
 A pruned model is saved as its plain state_dict (safetensors, or a torch file that opens with
 ``torch.load(weights_only=True)``) beside a small JSON pruning plan: the example input shape, the
-base model's constructor (for smp models), and each pruning step's kept channels. Loading builds
+base model's constructor (for smp models), and each step: the channels a pruning step kept, or the
+submodules a drop step replaced with Dropped (see drop_unused_step_). Loading builds
 the base model, replays the steps (analysis is deterministic, and each step checks it finds the
 groups it was made for, so a plan applied to another base model fails clearly), then loads the
 weights. Opening a checkpoint never runs code from it.
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from .dependency import analyze
+from .model_stats import drop_, drop_unused_
 from .surgery import prune_
 
 FORMAT = "polyprune-plan/1"
@@ -25,7 +27,8 @@ FORMAT = "polyprune-plan/1"
 class PruningPlan:
     input_shape: list  # the example input the analyses ran on, e.g. [1, 3, 352, 352]
     base: Optional[dict] = None  # {"arch": "Unet", "kwargs": {...}} for smp models, else None
-    steps: list = dataclasses.field(default_factory=list)  # what prune_ returned, in order
+    # in order: what prune_ returned, or {"drop": [module paths]} (drop_unused_step_)
+    steps: list = dataclasses.field(default_factory=list)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, input_shape) -> "PruningPlan":
@@ -37,10 +40,24 @@ class PruningPlan:
         return cls(list(input_shape), base)
 
 
+def drop_unused_step_(model: torch.nn.Module, plan: PruningPlan) -> list:
+    """model_stats.drop_unused_ on an input of the plan's shape, recorded in the plan as the step
+    ``{"drop": names}``; returns the names."""
+    names = drop_unused_(model, torch.zeros(plan.input_shape))
+    plan.steps.append({"drop": names})
+    return names
+
+
 def replay_(model: torch.nn.Module, plan: PruningPlan) -> torch.nn.Module:
     """Apply the plan's steps to an unpruned base model, in place."""
     example = torch.zeros(plan.input_shape)
     for number, step in enumerate(plan.steps):
+        if "drop" in step:
+            try:
+                drop_(model, step["drop"])
+            except ValueError as error:
+                raise ValueError(f"pruning plan step {number}: {error}. Is it the same base model?") from None
+            continue
         analysis = analyze(model, example)
         sizes = [g.size for g in analysis.groups]
         if sizes != step["group_sizes"]:

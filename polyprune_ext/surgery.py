@@ -53,7 +53,7 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: dict,
 
 
 def update_module_attributes(model: torch.nn.Module) -> None:
-    """Channel counts of convs and batch norms read back from their (compacted) tensors."""
+    """Channel counts of convs, linear layers and norms read back from their (compacted) tensors."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.conv._ConvNd):
             depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
@@ -63,7 +63,29 @@ def update_module_attributes(model: torch.nn.Module) -> None:
                 m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
             else:
                 m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+        elif isinstance(m, torch.nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, torch.nn.GroupNorm) and m.weight is not None:
+            if m.num_groups == m.num_channels:  # only per-channel group norms are pruned
+                m.num_groups = m.weight.shape[0]
+            m.num_channels = m.weight.shape[0]
         elif isinstance(m, torch.nn.modules.batchnorm._NormBase):
             reference = m.weight if m.weight is not None else m.running_mean
             if reference is not None:
                 m.num_features = reference.shape[0]
+
+
+def zero_channels(model: torch.nn.Module, analysis: Analysis, drop: dict) -> list:
+    """Simulate a prune without changing any tensor: forward hooks zero the channels ``drop[i]``
+    of group ``i`` at every gate of the group. The model then computes what the model pruned of
+    those channels computes (the tests' proof of the analysis), and the channels can be put back
+    by removing the returned hook handles."""
+    handles = []
+    for i, channels in drop.items():
+        group = analysis.groups[i]
+        channels = torch.as_tensor(channels, dtype=torch.int64)
+        for gate in group.gates:
+            def zero(module, inputs, out, gate=gate, channels=channels):
+                return out.index_fill(gate.dim, (gate.offset + channels).to(out.device), 0)
+            handles.append(model.get_submodule(gate.module).register_forward_hook(zero))
+    return handles

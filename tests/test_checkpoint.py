@@ -7,6 +7,7 @@ import torch
 
 from polyprune_ext import checkpoint
 from polyprune_ext.dependency import analyze
+from polyprune_ext.model_stats import Dropped
 from polyprune_ext.surgery import prune_
 
 smp = pytest.importorskip("segmentation_models_pytorch")
@@ -52,3 +53,32 @@ def test_wrong_base_model_is_refused(tmp_path):
     wrong = smp.Unet("resnet34", encoder_weights=None, classes=2)
     with pytest.raises(ValueError, match="same base model"):
         checkpoint.load(tmp_path / "m.safetensors", base_model=wrong)
+
+
+def test_round_trip_with_drop_then_prune(tmp_path):
+    model = smp.PSPNet("resnet34", encoder_weights=None, classes=2).eval()
+    plan = checkpoint.PruningPlan.for_model(model, SHAPE)
+    assert checkpoint.drop_unused_step_(model, plan) == ["encoder.layer3", "encoder.layer4"]
+    analysis = analyze(model, torch.zeros(SHAPE))
+    keep = {i: torch.arange(0, g.size, 2) for i, g in enumerate(analysis.groups) if g.prunable}
+    plan.steps.append(prune_(model, analysis, keep))
+    path = tmp_path / "pspnet.safetensors"
+    checkpoint.save(path, model, plan)
+    from safetensors.torch import load_file
+
+    assert not any(k.startswith(("encoder.layer3.", "encoder.layer4.")) for k in load_file(path))
+    loaded = checkpoint.load(path).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert isinstance(loaded.encoder.layer4, Dropped)
+
+
+def test_drop_step_on_a_model_without_the_module_is_refused(tmp_path):
+    model = smp.PSPNet("resnet34", encoder_weights=None, classes=2)
+    plan = checkpoint.PruningPlan.for_model(model, SHAPE)
+    checkpoint.drop_unused_step_(model, plan)
+    checkpoint.save(tmp_path / "m.pt", model, plan)
+    wrong = smp.PSPNet("mobilenet_v2", encoder_weights=None, classes=2)  # no encoder.layer3
+    with pytest.raises(ValueError, match="step 0: cannot drop 'encoder.layer3'"):
+        checkpoint.load(tmp_path / "m.pt", base_model=wrong)

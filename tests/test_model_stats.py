@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from polyprune_ext.model_stats import model_stats
+from polyprune_ext.model_stats import Dropped, drop_unused_, model_stats
 
 
 class ConvWithDeadBranch(torch.nn.Module):
@@ -46,3 +46,54 @@ def test_pspnet_unused_encoder_stages():
     unused_numel = sum(p.numel() for n, p in model.named_parameters() if n in expected)
     assert stats.used_params == stats.params - unused_numel
     assert unused_numel > 19_000_000
+
+
+def test_pspnet_drop_unused_stages():
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    torch.manual_seed(0)
+    model = smp.PSPNet("resnet34", encoder_weights=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    before = model_stats(model, x)
+    with torch.no_grad():
+        expected = model(x)
+    assert drop_unused_(model, x) == ["encoder.layer3", "encoder.layer4"]
+    after = model_stats(model, x)
+    assert after.unused == ()
+    assert after.used_params == before.used_params == after.params
+    assert not any(k.startswith(("encoder.layer3.", "encoder.layer4.")) for k in model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert isinstance(model.encoder.layer4, Dropped) and not list(model.encoder.layer4.parameters())
+    with pytest.raises(RuntimeError, match="encoder.layer4 was removed by drop_unused_"):
+        model.encoder.layer4(x)
+    assert drop_unused_(model, x) == []  # nothing left to drop
+
+
+class SpareParameter(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.spare = torch.nn.Parameter(torch.ones(3))  # never read
+
+    def forward(self, x):
+        return x * 2
+
+
+class CalledButUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = SpareParameter()  # called, but none of its parameters is read
+        self.dead = ConvWithDeadBranch()  # never called: dropped as a whole, not child by child
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_only_uncalled_modules_are_dropped():
+    model, x = CalledButUnused(), torch.randn(2, 3)
+    assert model_stats(model, x).unused == ("block.spare", "dead.conv.weight", "dead.conv.bias",
+                                            "dead.bn.weight", "dead.bn.bias", "dead.dead.weight",
+                                            "dead.dead.bias")
+    assert drop_unused_(model, x) == ["dead"]
+    assert isinstance(model.dead, Dropped) and isinstance(model.block, SpareParameter)
+    assert model_stats(model, x).unused == ("block.spare",)  # reported, not dropped
+    assert torch.equal(model(x), x * 2)
