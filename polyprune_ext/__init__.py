@@ -4,8 +4,11 @@ import torch
 
 from . import _C  # loads the compiled kernels and registers torch.ops.polyprune_ext
 from . import ops
+from .dependency import analyze
+from .pruner import Pruner
+from .scoring import score
 
-__all__ = ["build_info", "ops"]
+__all__ = ["Pruner", "analyze", "build_info", "ops", "score"]
 
 
 def build_info() -> dict:

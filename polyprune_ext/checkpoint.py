@@ -58,7 +58,7 @@ def replay_(model: torch.nn.Module, plan: PruningPlan) -> torch.nn.Module:
             except ValueError as error:
                 raise ValueError(f"pruning plan step {number}: {error}. Is it the same base model?") from None
             continue
-        analysis = analyze(model, example)
+        analysis = analyze(model, example, ignore=())  # ignore limits choices, not structure
         sizes = [g.size for g in analysis.groups]
         if sizes != step["group_sizes"]:
             raise ValueError(

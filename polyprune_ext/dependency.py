@@ -37,6 +37,7 @@ norm) is superseded by theirs and dropped. A group whose channels are consumed w
 output can observe them is frozen.
 """
 
+import collections
 import dataclasses
 from typing import Any, NamedTuple, Optional
 
@@ -93,6 +94,9 @@ class Gate:
     module: str
     offset: int
     dim: int = 1
+    # An in-place op changes the output after the module returns it (other than relu and
+    # hardtanh, after which activation * gradient is unchanged): scoring must copy it.
+    copy: bool = False
 
 
 @dataclasses.dataclass
@@ -120,6 +124,7 @@ class _Proposal:
 
     module: Optional[str] = None  # the module whose output it became
     consumed: bool = False  # read by an op other than a per-channel one
+    changed_in_place: bool = False  # after the module returned it (see Gate.copy)
 
 
 class _Groups:
@@ -182,6 +187,7 @@ class _Tracer(TorchDispatchMode):
         self.flops_per_weight = {}  # conv weight name -> FLOPs per weight element, this input
         self.alive = []  # keeps traced tensors alive so their ids stay unique
         self.stack = []  # names of the modules being run, outermost first
+        self.returned = {}  # id(module output) -> the proposals that became its gates
         self.paused = False  # inside a function the function mode handles whole
 
     # -- spaces and gates ------------------------------------------------------------------------
@@ -221,8 +227,10 @@ class _Tracer(TorchDispatchMode):
                 proposal.consumed = True
 
     def module_output(self, name, out):
-        """A module returned ``out``: proposals that reach it become gates of this module, and
-        channels with no gate there get one."""
+        """A module returned ``out``: proposals that reach it become gates of this module.
+        Channels with no gate there, or several (a residual sum, not read on the way), get one
+        new gate here instead: zeroing the sum zeroes all that follows, and the summands need
+        neither a gate nor a copy (torchvision adds the shortcut in place into bn2's output)."""
         space = self.channels(out)
         if space is None:
             return
@@ -230,12 +238,15 @@ class _Tracer(TorchDispatchMode):
         for g in space.groups:
             root, size = self.groups.find(g), self.groups.get(g).size
             gate = Gate(name, offset, space.dim)
-            proposals = origin.get(root) or frozenset([(_Proposal(), False)])
+            proposals = origin.get(root)
+            if not proposals or len({p for p, _ in proposals}) > 1:
+                proposals = frozenset([(_Proposal(), False)])
             gated = set()
             for proposal, is_gated in proposals:
                 if proposal.module is None:
                     proposal.module = name
                     self.groups.get(g).proposed.append((gate, proposal))
+                    self.returned.setdefault(id(out), []).append(proposal)
                 gated.add((proposal, is_gated or proposal.module == name))
             origin[root] = frozenset(gated)
             offset += size
@@ -280,6 +291,9 @@ class _Tracer(TorchDispatchMode):
         if packet in SOURCES or not inputs and packet is not aten.convolution:
             return out
         x, first = args[0], out[0] if isinstance(out, (tuple, list)) else out
+        if first is x and packet not in (aten.relu_, aten.hardtanh_):  # changed in place
+            for proposal in self.returned.get(id(x), ()):
+                proposal.changed_in_place = True
         space = self.channels(x)
         same_shape = isinstance(first, torch.Tensor) and space is not None and first.shape == x.shape
         if packet is aten.convolution:
@@ -644,6 +658,16 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[tuple] 
         if isinstance(x, torch.Tensor) and x.dim() >= 2:
             tracer.frozen_space(x, "model input")
 
+    # A module called more than once (torchvision's BasicBlock uses one ReLU twice) cannot be a
+    # gate: a hook on it would see every call. A first, untraced pass counts the calls.
+    calls = collections.Counter()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.update([id(module)]))
+    try:
+        forward_once(model, example_input)
+    finally:
+        hook.remove()
+
     def enter(module, args):
         if id(module) in names:
             tracer.stack.append(names[id(module)])
@@ -651,7 +675,7 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[tuple] 
     def leave(module, args, out):
         if id(module) in names:
             name = tracer.stack.pop()
-            if not tracer.paused and isinstance(out, torch.Tensor):
+            if not tracer.paused and isinstance(out, torch.Tensor) and calls[id(module)] == 1:
                 tracer.module_output(name, out)
 
     hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
@@ -665,8 +689,8 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[tuple] 
         tracer.groups.freeze((tracer.channels(y) or Space(1, [])).groups, "model output")
     for group in tracer.groups.roots():
         # Frozen groups keep every gate proposed, to say in the report where they are.
-        group.gates = list(dict.fromkeys(gate for gate, p in group.proposed
-                                         if p.consumed or group.frozen))
+        group.gates = list(dict.fromkeys(dataclasses.replace(gate, copy=p.changed_in_place)
+                                         for gate, p in group.proposed if p.consumed or group.frozen))
         if any(gate.module == n or gate.module.startswith(n + ".") for gate in group.gates
                for n in ignore):
             group.frozen.append("output channels of an ignored module")

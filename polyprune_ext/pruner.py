@@ -1,0 +1,114 @@
+"""TaylorFO pruning inside an ordinary training loop.
+
+    pruner = Pruner(model, optimizer, example_input=images[:1])
+    for images, masks in loader:
+        with pruner.scoring():            # scores accumulate during the usual step
+            loss = loss_fn(model(images), masks)
+            loss.backward()
+        optimizer.step(); optimizer.zero_grad()
+    pruner.prune(0.2, target="flops")      # the same optimizer goes on training the smaller model
+
+In "normalized" mode the scores are those of gradient-normalized backpropagation, with no extra
+backward: a hook on the model output reads dL/dy and gives the kernel the per-sample factor
+1 / ||dL/dy_n|| (see polyprune_ext.scoring for when that is exact). With a GradScaler, that factor
+also undoes the loss scale; in "loss" mode the scores are divided by the scale.
+
+Under torch.distributed, scores are summed over ranks when read, so every rank prunes the same
+channels. After prune() the parameters have new shapes: wrap the model in DistributedDataParallel
+again (and recompile it) before training on.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from .checkpoint import PruningPlan, save
+from .dependency import analyze
+from .policy import select_channels
+from .scoring import TaylorAccumulator, per_sample_scale
+from .surgery import prune_
+
+
+class Pruner:
+    def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
+                 example_input: torch.Tensor, grad: str = "normalized", reduce: str = "abs_sum",
+                 backend: str = "fused", scaler=None, nonfinite: Optional[str] = None,
+                 ignore: Optional[tuple] = None):
+        """``model`` (or a DistributedDataParallel wrapping it) and the ``optimizer`` whose state
+        follows the pruned parameters. ``example_input``: one input batch (one image suffices)
+        for the structure analysis. ``grad``: "normalized" or "loss" ("random" needs its own
+        backward: use polyprune_ext.score). ``nonfinite``: "raise" on NaN/Inf, or "skip" such
+        batches (the default when a GradScaler is given: its overflowing steps are skipped too).
+        """
+        if grad not in ("normalized", "loss"):
+            raise ValueError(f"grad must be 'normalized' or 'loss' inside training steps, got {grad!r}")
+        self.module = getattr(model, "module", model)  # the model inside DDP
+        self.optimizer, self.grad, self.scaler, self.ignore = optimizer, grad, scaler, ignore
+        self.options = dict(reduce=reduce, backend=backend,
+                            nonfinite=nonfinite or ("skip" if scaler is not None else "raise"))
+        self.example_input = example_input[:1].detach()
+        self.plan = PruningPlan.for_model(self.module, self.example_input.shape)
+        self._analyze()
+
+    def _analyze(self):
+        device = next(self.module.parameters()).device
+        self.analysis = analyze(self.module, self.example_input.to(device), self.ignore)
+        self.accumulator = TaylorAccumulator(self.module, self.analysis, **self.options)
+
+    @contextlib.contextmanager
+    def scoring(self):
+        """Around one training step's forward and backward: adds that batch to the scores."""
+        def on_output(module, inputs, out):
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"the model returned {type(out).__name__}; scoring needs a tensor")
+            if out.requires_grad:
+                out.register_hook(self._set_scale)
+
+        handle = self.module.register_forward_hook(on_output)
+        try:
+            with self.accumulator.attached():
+                yield self
+        finally:
+            handle.remove()
+        self.accumulator.end_batch()
+
+    def _set_scale(self, grad_y):
+        if self.grad == "normalized":
+            scale, zeros = per_sample_scale(grad_y)
+            self.accumulator.skipped_samples += zeros
+        elif self.scaler is not None and self.scaler.is_enabled():
+            scale = torch.full((grad_y.shape[0],), 1 / self.scaler.get_scale(), device=grad_y.device)
+        else:
+            scale = None
+        self.accumulator.scale = scale
+
+    def scores(self) -> dict:
+        """{group index: per-channel score} accumulated since the last prune."""
+        return self.accumulator.scores()
+
+    @property
+    def stats(self) -> dict:
+        acc = self.accumulator
+        return {"batches": acc.batches, "skipped_batches": acc.skipped_batches,
+                "skipped_samples": acc.skipped_samples}
+
+    def prune(self, amount: float, *, target: str = "flops", scope: str = "global",
+              min_channels: int = 1, max_ratio: float = 0.9, round_to: int = 1) -> dict:
+        """Remove the lowest-scoring channels: ``amount`` of the model's ``target`` (see
+        policy.select_channels for the options). Resets the scores; returns the step (also
+        recorded in ``self.plan``, which ``save`` writes beside the weights)."""
+        if self.accumulator.batches == 0:
+            raise RuntimeError("no batch has been scored: run training steps inside "
+                               "`with pruner.scoring():` first")
+        keep = select_channels(self.analysis, self.scores(), amount=amount, target=target,
+                               scope=scope, min_channels=min_channels, max_ratio=max_ratio,
+                               round_to=round_to)
+        step = prune_(self.module, self.analysis, keep, self.optimizer)
+        self.plan.steps.append(step)
+        self._analyze()
+        return step
+
+    def save(self, path) -> None:
+        """The pruned model as a state_dict plus its pruning plan (polyprune_ext.checkpoint)."""
+        save(path, self.module, self.plan)
