@@ -14,11 +14,11 @@ $(PY):
 # The build is redone when a C++/CUDA source or the build files change.
 $(VENV)/.built: $(PY) $(SOURCES)
 	$(PY) -m pip install -q "$(TORCH)" numpy pytest ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[bench]"
+	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
 demo: $(VENV)/.built
-	$(PY) benchmarks/bench_ops.py --device cpu --no-append
+	$(VENV)/bin/polyprune demo --out runs/demo
 
 test: $(VENV)/.built
 	$(PY) -m pytest -q tests

@@ -100,14 +100,19 @@ def save(path, model: torch.nn.Module, plan: PruningPlan) -> None:
     plan_tmp.replace(plan_path(path))
 
 
+def read_plan(path) -> PruningPlan:
+    """The pruning plan saved beside the weights at ``path``."""
+    record = json.loads(plan_path(path).read_text())
+    if record.pop("format", None) != FORMAT:
+        raise ValueError(f"{plan_path(path)} is not a {FORMAT} file")
+    return PruningPlan(**record)
+
+
 def load(path, base_model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
     """The pruned model saved at ``path``: ``base_model`` (unpruned; built from the plan for smp
     models when not given) with the plan replayed and the weights loaded."""
     path = Path(path)
-    record = json.loads(plan_path(path).read_text())
-    if record.pop("format", None) != FORMAT:
-        raise ValueError(f"{plan_path(path)} is not a {FORMAT} file")
-    plan = PruningPlan(**record)
+    plan = read_plan(path)
     model = replay_(base_model if base_model is not None else build_base(plan), plan)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file

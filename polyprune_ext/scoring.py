@@ -41,6 +41,7 @@ import torch
 from . import ops, reference
 from .dependency import Analysis, analyze
 from .policy import cost
+from .progress import progress as progress_bar
 
 GRADS = ("normalized", "loss", "random")
 REDUCTIONS = ("abs_sum", "sum_abs", "sum_sq")
@@ -195,16 +196,6 @@ def _split_batch(batch, needs_target: bool):
                     "grad='random'")
 
 
-def _progress(iterable, total, enabled, description):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, total=total, desc=description, leave=False)
-
-
 def score(model: torch.nn.Module, loader: Optional[Iterable], *, loss_fn=None,
           grad: str = "normalized", reduce: str = "abs_sum", num_batches: Optional[int] = None,
           criterion: str = "taylor", analysis: Optional[Analysis] = None,
@@ -251,7 +242,7 @@ def score(model: torch.nn.Module, loader: Optional[Iterable], *, loss_fn=None,
         for p in model.parameters():  # activations still need gradients; weights do not
             p.requires_grad_(False)
         with acc.attached():
-            for batch in _progress(batches, total, progress, "scoring"):
+            for batch in progress_bar(batches, total, progress, "scoring"):
                 x, target = _split_batch(batch, grad != "random")
                 x = x.to(device).requires_grad_(True)
                 y = model(x)

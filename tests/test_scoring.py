@@ -270,3 +270,20 @@ def test_ddp_ranks_prune_the_same_channels(tmp_path):
         with pruner.scoring():
             mse(model(x[r * 2:r * 2 + 2]), target[r * 2:r * 2 + 2]).backward()
     assert steps[0] == steps[1] == pruner.prune(0.4, target="channels")
+
+
+def test_layer_normalization_and_flops_weighting():
+    model, (x, target) = toy(), data()
+    plain = score(model, [(x, target)], loss_fn=mse, progress=False)
+    normalized = score(model, [(x, target)], loss_fn=mse, normalize_layers=True, progress=False)
+    for i, v in normalized.values.items():
+        torch.testing.assert_close(v, plain.values[i] / plain.values[i].norm())
+    weighted = score(model, [(x, target)], loss_fn=mse, flops_weighted=True, progress=False)
+    full = polyprune_ext.policy.cost(plain.analysis)["flops"]
+    for i, v in weighted.values.items():
+        size = plain.analysis.groups[i].size
+        per_channel = full - polyprune_ext.policy.cost(plain.analysis, {i: size - 1})["flops"]
+        assert per_channel > 0
+        torch.testing.assert_close(v * per_channel, plain.values[i])
+    l1 = score(model, None, criterion="l1", example_input=x[:1])
+    assert l1.values.keys() == plain.values.keys() and l1.batches == 0

@@ -1,0 +1,89 @@
+"""Iterative structured pruning to a FLOPs or params target (Sapkota et al. 2023):
+score over k batches -> remove a fraction of the remaining channels -> fine-tune -> repeat.
+
+Each step is one row of the log (params, GFLOPs, validation Dice/IoU, latency); the same optimizer
+trains throughout, its state compacted with the parameters; the trainer checkpoints the pruned
+model (state_dict + pruning plan) after every fine-tuning epoch.
+"""
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from .metrics import dice_bce_loss
+from .model_stats import model_stats
+from .policy import cost, select_channels
+from .scoring import score
+from .surgery import prune_
+
+CRITERIA = ("taylor", "l1", "l2", "bn_scale", "random")
+
+
+@dataclasses.dataclass
+class PruneConfig:
+    target: str = "flops"  # what the reduction is of: "flops" or "params"
+    reduction: float = 0.5  # remove this fraction of the unpruned model's target
+    step: float = 0.2  # each step removes this fraction of the remaining prunable channels
+    criterion: str = "taylor"  # or a data-free baseline: l1, l2, bn_scale, random
+    grad: str = "normalized"  # TaylorFO gradient: normalized, loss or random
+    reduce: str = "abs_sum"
+    score_batches: int = 8
+    finetune_epochs: int = 2
+    scope: str = "global"
+    round_to: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.target not in ("flops", "params"):
+            raise ValueError(f"target must be 'flops' or 'params', got {self.target!r}")
+        if not 0 < self.reduction < 1 or not 0 < self.step < 1:
+            raise ValueError(f"reduction and step are fractions in (0, 1), got {self.reduction}, {self.step}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+
+
+def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable] = None,
+                    on_step: Optional[Callable] = None) -> list:
+    """Prune ``trainer.model`` in place until its ``config.target`` is at most
+    ``1 - config.reduction`` of what it was, fine-tuning after each step. ``measure(model)``
+    returns extra columns for each row (latency, for example); ``on_step(rows)`` is called after
+    each row (to write logs as they come). Returns the rows, the unpruned model first."""
+    model = trainer.model
+    example = torch.zeros(trainer.plan.input_shape, device=trainer.device)
+    base = model_stats(model, example)
+    goal = (1 - config.reduction) * getattr(base, config.target)
+    rows = []
+
+    def add_row(step, removed_channels):
+        stats = model_stats(model, example)
+        rows.append({"step": step, "params": stats.params, "gflops": stats.gflops,
+                     "removed_channels": removed_channels, **trainer.evaluate(),
+                     **(measure(model) if measure else {})})
+        if on_step:
+            on_step(rows)
+        return stats
+
+    stats = add_row(0, 0)
+    step = 0
+    while getattr(stats, config.target) > goal * (1 + 1e-9):
+        step += 1
+        scores = score(model, trainer.train_loader, loss_fn=dice_bce_loss, grad=config.grad,
+                       reduce=config.reduce, num_batches=config.score_batches,
+                       criterion=config.criterion, example_input=example, seed=config.seed + step,
+                       progress=trainer.progress)
+        analysis, full = scores.analysis, cost(scores.analysis)
+        options = dict(scope=config.scope, round_to=config.round_to)
+        keep = select_channels(analysis, scores.values, amount=config.step, target="channels", **options)
+        # The last step stops at the target: the fraction of this model's cost still to go
+        # (the cost model counts conv FLOPs; model_stats counts all, so scale between them).
+        left = 1 - goal / getattr(stats, config.target)
+        if cost(analysis, {i: len(k) for i, k in keep.items()})[config.target] < (1 - left) * full[config.target]:
+            keep = select_channels(analysis, scores.values, amount=left, target=config.target, **options)
+        if not keep:
+            raise RuntimeError(f"step {step} removes nothing: the limits stop short of the target")
+        trainer.plan.steps.append(prune_(model, analysis, keep, trainer.optimizer))
+        removed = sum(analysis.groups[i].size - len(k) for i, k in keep.items())
+        trainer.fit(config.finetune_epochs, phase=f"prune step {step}")
+        stats = add_row(step, removed)
+    return rows

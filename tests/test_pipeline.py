@@ -1,0 +1,104 @@
+"""Training, iterative pruning, magnitude pruning and the polyprune command, end to end on tiny
+synthetic runs (64x64, a few images, one epoch: behaviour, not accuracy)."""
+
+import json
+
+import pytest
+import torch
+
+smp = pytest.importorskip("segmentation_models_pytorch")
+
+from polyprune_ext import checkpoint, cli, magnitude  # noqa: E402
+from polyprune_ext.data import SyntheticPolyps  # noqa: E402
+from polyprune_ext.iterative import PruneConfig, iterative_prune  # noqa: E402
+from polyprune_ext.model_stats import model_stats  # noqa: E402
+from polyprune_ext.training import TrainConfig, Trainer, build_model  # noqa: E402
+
+TINY = ["--size", "64", "--synthetic-count", "16", "--batch-size", "4", "--no-progress"]
+
+
+def tiny_trainer(out_dir):
+    torch.manual_seed(0)
+    train = SyntheticPolyps(16, size=64, split="train", val_count=4, augment=True)
+    val = SyntheticPolyps(16, size=64, split="val", val_count=4)
+    return Trainer(build_model("Unet", "resnet18"), train, val, TrainConfig(batch_size=4),
+                   out_dir=out_dir, progress=False)
+
+
+def test_training_checkpoints_every_epoch_and_resumes(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    records = trainer.fit(2)
+    assert [r["epoch"] for r in records] == [1, 2] and 0 <= records[-1]["dice"] <= 1
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "train_state.pt").exists()
+    assert not list(tmp_path.glob("*.tmp"))  # every file replaced whole
+    again = tiny_trainer(tmp_path)
+    again.resume()
+    assert again.epoch == 2 and len(again.history) == 2
+    x = torch.randn(1, 3, 64, 64)
+    trainer.model.eval(), again.model.eval()
+    torch.testing.assert_close(again.model(x), trainer.model(x), rtol=0, atol=0)
+    state = trainer.optimizer.state_dict()["state"][0]["exp_avg"]
+    torch.testing.assert_close(again.optimizer.state_dict()["state"][0]["exp_avg"], state)
+
+
+def test_iterative_pruning_reaches_the_flops_target(tmp_path):
+    trainer = tiny_trainer(tmp_path)
+    optimizer = trainer.optimizer
+    rows = iterative_prune(trainer, PruneConfig(reduction=0.4, step=0.2, score_batches=1,
+                                                finetune_epochs=1))
+    assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9) < rows[-2]["gflops"]
+    assert len(rows) >= 3 and [r["step"] for r in rows] == list(range(len(rows)))
+    assert trainer.optimizer is optimizer  # the same optimizer through every step
+    loaded = checkpoint.load(tmp_path / "model.safetensors").eval()
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), trainer.model.eval()(x), rtol=0, atol=0)
+    assert model_stats(loaded, x).gflops == pytest.approx(rows[-1]["gflops"])
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_pruning_scopes(scope):
+    torch.manual_seed(0)
+    model = build_model("Unet", "resnet18")
+    reached = magnitude.magnitude_prune_(model, 0.75, scope=scope)
+    tensors = magnitude.prunable_tensors(model)
+    assert reached == pytest.approx(0.75, abs=1e-3)
+    weights = torch.cat([getattr(m, n).detach().flatten().double() for m, n in tensors])
+    if scope == "global":  # one threshold: every kept weight outweighs every zeroed one
+        orig = torch.cat([getattr(m, n + "_orig").detach().flatten().double() for m, n in tensors])
+        assert orig[weights != 0].abs().min() >= orig[weights == 0].abs().max()
+    else:
+        for m, n in tensors:
+            assert (getattr(m, n) == 0).double().mean().item() == pytest.approx(0.75, abs=0.01)
+    magnitude.make_permanent_(model)
+    assert not any("_orig" in k or "_mask" in k for k in model.state_dict())
+    assert magnitude.sparsity_of(tensors) == pytest.approx(reached)
+
+
+@pytest.mark.parametrize("command", ["train", "prune", "eval", "bench", "demo"])
+def test_every_command_explains_itself(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main([command, "--help"])
+    assert exit.value.code == 0
+    assert "--data" in capsys.readouterr().out
+
+
+def test_cli_train_prune_eval(tmp_path, capsys):
+    cli.main(["train", "--arch", "Unet", "--encoder", "resnet18", "--epochs", "1",
+              "--out", str(tmp_path / "trained"), *TINY])
+    cli.main(["prune", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "pruned"),
+              "--reduction", "0.3", "--step", "0.3", "--score-batches", "1", "--finetune-epochs", "1", *TINY])
+    for name in ("report.md", "pruning_log.csv", "pruning_log.json", "dice_vs_flops.png", "model.safetensors"):
+        assert (tmp_path / "pruned" / name).exists(), name
+    rows = json.loads((tmp_path / "pruned" / "pruning_log.json").read_text())
+    assert rows[-1]["gflops"] <= 0.7 * rows[0]["gflops"] * (1 + 1e-9)
+    capsys.readouterr()
+    cli.main(["eval", "--checkpoint", str(tmp_path / "pruned"), *TINY])
+    assert 0 <= json.loads(capsys.readouterr().out)["dice"] <= 1
+    cli.main(["prune", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sparse"),
+              "--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "1", *TINY])
+    assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_cli_refuses_a_missing_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        cli.main(["eval", "--checkpoint", str(tmp_path), *TINY])
