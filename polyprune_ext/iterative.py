@@ -25,6 +25,9 @@ class PruneConfig:
     target: str = "flops"  # what the reduction is of: "flops" or "params"
     reduction: float = 0.5  # remove this fraction of the unpruned model's target
     step: float = 0.2  # each step removes this fraction of the remaining prunable channels
+    # Or exactly this many steps, each removing the same fraction of the target (FLOPs): every
+    # criterion then gets the same schedule and fine-tuning budget, as comparisons need.
+    steps: Optional[int] = None
     criterion: str = "taylor"  # or a data-free baseline: l1, l2, bn_scale, random
     grad: str = "normalized"  # TaylorFO gradient: normalized, loss or random
     reduce: str = "abs_sum"
@@ -37,6 +40,8 @@ class PruneConfig:
     def __post_init__(self):
         if self.target not in ("flops", "params"):
             raise ValueError(f"target must be 'flops' or 'params', got {self.target!r}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
         if not 0 < self.reduction < 1 or not 0 < self.step < 1:
             raise ValueError(f"reduction and step are fractions in (0, 1), got {self.reduction}, {self.step}")
         if self.criterion not in CRITERIA:
@@ -74,12 +79,16 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
                        progress=trainer.progress)
         analysis, full = scores.analysis, cost(scores.analysis)
         options = dict(scope=config.scope, round_to=config.round_to)
-        keep = select_channels(analysis, scores.values, amount=config.step, target="channels", **options)
-        # The last step stops at the target: the fraction of this model's cost still to go
-        # (the cost model counts conv FLOPs; model_stats counts all, so scale between them).
+        # The fraction of this model's target still to go (the cost model counts conv FLOPs,
+        # model_stats all of them: fractions carry over between the two).
         left = 1 - goal / getattr(stats, config.target)
-        if cost(analysis, {i: len(k) for i, k in keep.items()})[config.target] < (1 - left) * full[config.target]:
-            keep = select_channels(analysis, scores.values, amount=left, target=config.target, **options)
+        if config.steps:
+            amount = 1 - (1 - left) ** (1 / (config.steps - step + 1))
+            keep = select_channels(analysis, scores.values, amount=amount, target=config.target, **options)
+        else:
+            keep = select_channels(analysis, scores.values, amount=config.step, target="channels", **options)
+            if cost(analysis, {i: len(k) for i, k in keep.items()})[config.target] < (1 - left) * full[config.target]:
+                keep = select_channels(analysis, scores.values, amount=left, target=config.target, **options)
         if not keep:
             raise RuntimeError(f"step {step} removes nothing: the limits stop short of the target")
         trainer.plan.steps.append(prune_(model, analysis, keep, trainer.optimizer))

@@ -41,13 +41,17 @@ def test_training_checkpoints_every_epoch_and_resumes(tmp_path):
     torch.testing.assert_close(again.optimizer.state_dict()["state"][0]["exp_avg"], state)
 
 
-def test_iterative_pruning_reaches_the_flops_target(tmp_path):
+@pytest.mark.parametrize("schedule", [{"step": 0.2}, {"steps": 2}])
+def test_iterative_pruning_reaches_the_flops_target(tmp_path, schedule):
     trainer = tiny_trainer(tmp_path)
     optimizer = trainer.optimizer
-    rows = iterative_prune(trainer, PruneConfig(reduction=0.4, step=0.2, score_batches=1,
-                                                finetune_epochs=1))
+    rows = iterative_prune(trainer, PruneConfig(reduction=0.4, score_batches=1, finetune_epochs=1,
+                                                **schedule))
     assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9) < rows[-2]["gflops"]
-    assert len(rows) >= 3 and [r["step"] for r in rows] == list(range(len(rows)))
+    assert [r["step"] for r in rows] == list(range(len(rows)))
+    if "steps" in schedule:  # the same share of FLOPs each step
+        assert len(rows) == 3
+        assert rows[1]["gflops"] / rows[0]["gflops"] == pytest.approx(0.6 ** 0.5, abs=0.03)
     assert trainer.optimizer is optimizer  # the same optimizer through every step
     loaded = checkpoint.load(tmp_path / "model.safetensors").eval()
     x = torch.randn(1, 3, 64, 64)

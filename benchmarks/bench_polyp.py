@@ -1,0 +1,162 @@
+"""Polyp segmentation on real data: Dice, IoU and latency of pruned against unpruned models.
+
+Kvasir-SEG (../shared/data/kvasir-seg), a fixed split (--val-count 120 of 1000, seed 0). The
+unpruned model is trained from scratch once (its checkpoint is reused when the directory holds
+one). Every pruned model starts from that checkpoint with a fresh AdamW and the same budget:
+--steps steps, each removing the same share of FLOPs, --finetune-epochs after each. Rows:
+  - normalized TaylorFO at every --reductions (-25%, -50%, -75% FLOPs by default);
+  - at -50%: loss TaylorFO, random-gradient TaylorFO, L1 magnitude, random;
+  - at -50%, with --torch-pruning: Torch-Pruning's Taylor and L1 magnitude importance on the same
+    model, pruned to the same FLOPs after each step as our normalized run, with the same
+    fine-tuning (benchmark-only install: pip install ../shared/wheels/torch_pruning-*.whl).
+Latency: batch 1 at --size, fp32, on --device (median of 20 after warm-up). Prints a table and
+appends it to benchmarks/RESULTS.md.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from polyprune_ext import checkpoint, speed
+from polyprune_ext.data import polyp_dataset
+from polyprune_ext.iterative import PruneConfig, iterative_prune
+from polyprune_ext.metrics import dice_bce_loss
+from polyprune_ext.model_stats import model_stats
+from polyprune_ext.training import TrainConfig, Trainer, build_model, seed_everything
+
+CRITERIA = {"normalized": ("taylor", "normalized"), "loss": ("taylor", "loss"),
+            "taylor-random": ("taylor", "random"), "l1": ("l1", "normalized"),
+            "random": ("random", "normalized")}
+
+
+def trainer(model, args, out_dir, plan=None):
+    common = dict(size=args.size, val_count=args.val_count, seed=0)
+    source = None if args.data == "synthetic" else args.data
+    train = polyp_dataset(source, split="train", augment=True, **common)
+    val = polyp_dataset(source, split="val", **common)
+    config = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=0)
+    return Trainer(model, train, val, config, device=args.device, out_dir=out_dir, plan=plan,
+                   progress=False)
+
+
+def measure(args):
+    def columns(model):
+        row = speed.latency(model, batch=1, size=args.size, device=args.device, warmup=5, repeats=20)
+        return {"ms": row["ms"]}
+    return columns
+
+
+def unpruned(args, out):
+    """The trained unpruned checkpoint: trained now unless out/unpruned holds a finished one."""
+    directory = out / "unpruned"
+    seed_everything(0)
+    t = trainer(build_model(args.arch, args.encoder), args, directory)
+    if (directory / "train_state.pt").exists():
+        t.resume()
+    if t.epoch < args.epochs:
+        start = time.time()
+        t.fit(args.epochs - t.epoch)
+        print(f"trained {args.epochs} epochs in {time.time() - start:.0f} s", flush=True)
+    return directory / "model.safetensors"
+
+
+def ours(path, args, out, name, reduction):
+    seed_everything(0)
+    t = trainer(checkpoint.load(path), args, out / f"{name}-{reduction}", plan=checkpoint.read_plan(path))
+    criterion, grad = CRITERIA[name]
+    config = PruneConfig(reduction=reduction, steps=args.steps, criterion=criterion, grad=grad,
+                         score_batches=args.score_batches, finetune_epochs=args.finetune_epochs)
+    return iterative_prune(t, config, measure=measure(args))
+
+
+def torch_pruning(path, args, out, importance, milestones):
+    """Torch-Pruning's MetaPruner, global pruning in small steps until each milestone (the GFLOPs
+    of our normalized run after each step), fine-tuned like ours after each."""
+    import torch_pruning as tp
+
+    seed_everything(0)
+    t = trainer(checkpoint.load(path), args, None)
+    model, example = t.model, torch.zeros(1, 3, args.size, args.size, device=t.device)
+    imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True,
+                                  pruning_ratio=0.95, iterative_steps=200,
+                                  ignored_layers=[model.segmentation_head])
+    rows = [{"step": 0, "gflops": model_stats(model, example).gflops, **t.evaluate(), **measure(args)(model)}]
+    for step, goal in enumerate(milestones, 1):
+        while model_stats(model, example).gflops > goal:
+            if importance == "taylor":  # gradients of the loss over the scoring batches
+                model.zero_grad()
+                for i, (x, y) in enumerate(t.batches(t.train_loader)):
+                    if i == args.score_batches:
+                        break
+                    dice_bce_loss(model(x), y).backward()
+            pruner.step()
+        t.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        t.fit(args.finetune_epochs, phase=f"tp step {step}")
+        rows.append({"step": step, "gflops": model_stats(model, example).gflops, **t.evaluate(),
+                     **measure(args)(model)})
+    rows[-1]["params"] = sum(p.numel() for p in model.parameters())
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/kvasir-seg")
+    parser.add_argument("--val-count", type=int, default=120)
+    parser.add_argument("--arch", default="Unet")
+    parser.add_argument("--encoder", default="resnet18")
+    parser.add_argument("--size", type=int, default=192)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=3, help="pruning steps, each removing the same "
+                        "fraction of FLOPs (the same schedule for every criterion)")
+    parser.add_argument("--score-batches", type=int, default=8)
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--reductions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA)[1:], choices=list(CRITERIA)[1:],
+                        help="compared with normalized TaylorFO at -50%% FLOPs")
+    parser.add_argument("--torch-pruning", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="runs/bench_polyp")
+    parser.add_argument("--no-append", action="store_true")
+    args = parser.parse_args()
+    from bench_ops import append_results, heading
+
+    out = Path(args.out)
+    start = time.time()
+    path = unpruned(args, out)
+    results = {}
+    for reduction in args.reductions:
+        results[("normalized", reduction)] = ours(path, args, out, "normalized", reduction)
+        print(json.dumps({"normalized": reduction, **results[("normalized", reduction)][-1]}), flush=True)
+    for name in args.criteria:
+        results[(name, 0.5)] = ours(path, args, out, name, 0.5)
+        print(json.dumps({name: 0.5, **results[(name, 0.5)][-1]}), flush=True)
+    if args.torch_pruning and ("normalized", 0.5) in results:
+        milestones = [r["gflops"] for r in results[("normalized", 0.5)][1:]]
+        for importance in ("taylor", "magnitude"):
+            results[(f"Torch-Pruning {importance}", 0.5)] = torch_pruning(path, args, out, importance, milestones)
+    base = next(iter(results.values()))[0]
+    report = heading(args.device) + [
+        f"### Polyp segmentation, {args.data}, {args.arch}-{args.encoder} at {args.size}x{args.size}, "
+        f"{args.epochs} epochs from scratch; {args.steps} pruning steps, each removing the same share of FLOPs, "
+        f"{args.finetune_epochs} fine-tuning epochs after each; {time.time() - start:.0f} s in all", "",
+        "| criterion | FLOPs target | steps | GFLOPs | Dice | IoU | Dice change | latency ms (batch 1) | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| unpruned | - | - | {base['gflops']:.2f} | {base['dice']:.4f} | {base['iou']:.4f} | - | "
+        f"{base['ms']:.1f} | 1.00x |"]
+    for (name, reduction), rows in results.items():
+        r = rows[-1]
+        report.append(f"| {name} | -{reduction:.0%} | {r['step']} | {r['gflops']:.2f} | {r['dice']:.4f} | "
+                      f"{r['iou']:.4f} | {r['dice'] - base['dice']:+.4f} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
+    print("\n".join(report))
+    if not args.no_append:
+        append_results(report)
+
+
+if __name__ == "__main__":
+    main()
