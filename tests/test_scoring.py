@@ -287,3 +287,18 @@ def test_layer_normalization_and_flops_weighting():
         torch.testing.assert_close(v * per_channel, plain.values[i])
     l1 = score(model, None, criterion="l1", example_input=x[:1])
     assert l1.values.keys() == plain.values.keys() and l1.batches == 0
+
+
+@pytest.mark.parametrize("reduce", ["abs_sum", "sum_sq"])
+def test_scores_on_linear_layers_over_channels_last_tokens(reduce):
+    from test_dependency import Tokens
+
+    torch.manual_seed(0)
+    model = Tokens().double().eval()
+    x, target = torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.randn(3, 2, 8, 8, dtype=torch.float64)
+    got = score(model, [(x, target)], loss_fn=mse, grad="loss", reduce=reduce, progress=False)
+    assert any(gate.dim == 3 for g in got.analysis.prunable for gate in g.gates)  # on tokens
+    y = model(x)
+    (gy,) = torch.autograd.grad(mse(y, target), y)
+    z = oracle_z(model, got.analysis, x, gy)
+    assert_scores_equal(got.values, {i: reduce_z(v, reduce) for i, v in z.items()})
