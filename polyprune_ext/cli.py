@@ -92,6 +92,8 @@ def cmd_prune(args):
     out = Path(args.out)
     trainer = trainer_for(model, args, out, plan=plan)
     if args.method == "magnitude":
+        if args.resume:
+            raise SystemExit("--resume continues iterative (taylor) pruning; magnitude is one-shot")
         return prune_magnitude(trainer, args, out)
     config = PruneConfig(target=args.target, reduction=args.reduction, step=args.step,
                          criterion="taylor" if args.criterion in ("normalized", "loss", "taylor-random")
@@ -99,15 +101,22 @@ def cmd_prune(args):
                          grad={"taylor-random": "random"}.get(args.criterion, args.criterion),
                          score_batches=args.score_batches, finetune_epochs=args.finetune_epochs,
                          round_to=args.round_to, seed=args.seed)
-    run_pruning(trainer, config, args, out, heading="TaylorFO structured pruning")
+    rows = None
+    if args.resume:
+        if not (out / "pruning_log.json").exists() or not (out / "train_state.pt").exists():
+            raise SystemExit(f"nothing to resume in {out}: no pruning_log.json and train_state.pt")
+        trainer.resume()
+        rows = json.loads((out / "pruning_log.json").read_text())
+        print(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}", file=sys.stderr)
+    run_pruning(trainer, config, args, out, heading="TaylorFO structured pruning", rows=rows)
 
 
-def run_pruning(trainer, config, args, out, heading):
+def run_pruning(trainer, config, args, out, heading, rows=None):
     """Iterative pruning with logs, plot and report written as it goes; prints the table."""
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     rows = iterative_prune(trainer, config, measure=latency_columns(args, args.size),
-                           on_step=lambda rows: report.write_rows(rows, out))
+                           on_step=lambda rows: report.write_rows(rows, out), rows=rows)
     plotted = report.plot_dice_against_flops(rows, out / "dice_vs_flops.png")
     details = [f"- command: `polyprune {' '.join(sys.argv[1:])}`",
                f"- data: {args.data}, {args.size}x{args.size}, device {args.device}",
@@ -178,6 +187,8 @@ def parser():
     add_data_options(p)
     p.add_argument("--checkpoint", required=True, help="directory written by train (or prune)")
     p.add_argument("--out", required=True, help="directory for the pruned model, log, plot, report")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from --out's checkpoint and pruning log")
     p.add_argument("--method", choices=("taylor", "magnitude"), default="taylor",
                    help="taylor: structured, filters removed (faster); magnitude: unstructured zeros")
     p.add_argument("--criterion", default="normalized",

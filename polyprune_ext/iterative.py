@@ -48,17 +48,22 @@ class PruneConfig:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
 
 
+def _target_of(row, target):
+    return row["params"] if target == "params" else row["gflops"] * 1e9
+
+
 def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable] = None,
-                    on_step: Optional[Callable] = None) -> list:
+                    on_step: Optional[Callable] = None, rows: Optional[list] = None) -> list:
     """Prune ``trainer.model`` in place until its ``config.target`` is at most
     ``1 - config.reduction`` of what it was, fine-tuning after each step. ``measure(model)``
     returns extra columns for each row (latency, for example); ``on_step(rows)`` is called after
-    each row (to write logs as they come). Returns the rows, the unpruned model first."""
+    each row (to write logs as they come). Returns the rows, the unpruned model first.
+
+    To resume an interrupted run, pass the trainer after ``trainer.resume()`` and the rows logged
+    so far: a step pruned but not logged finishes its fine-tuning epochs, and pruning goes on."""
     model = trainer.model
     example = torch.zeros(trainer.plan.input_shape, device=trainer.device)
-    base = model_stats(model, example)
-    goal = (1 - config.reduction) * getattr(base, config.target)
-    rows = []
+    rows = list(rows or [])
 
     def add_row(step, removed_channels):
         stats = model_stats(model, example)
@@ -69,8 +74,16 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
             on_step(rows)
         return stats
 
-    stats = add_row(0, 0)
-    step = 0
+    if not rows:
+        add_row(0, 0)
+    goal = (1 - config.reduction) * _target_of(rows[0], config.target)
+    step = rows[-1]["step"]
+    stats = model_stats(model, example)
+    if stats.params != rows[-1]["params"]:  # interrupted while fine-tuning step + 1
+        step += 1
+        done = sum(r["phase"] == f"prune step {step}" for r in trainer.history)
+        trainer.fit(max(0, config.finetune_epochs - done), phase=f"prune step {step}")
+        stats = add_row(step, None)
     while getattr(stats, config.target) > goal * (1 + 1e-9):
         step += 1
         scores = score(model, trainer.train_loader, loss_fn=dice_bce_loss, grad=config.grad,

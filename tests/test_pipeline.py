@@ -106,3 +106,26 @@ def test_cli_train_prune_eval(tmp_path, capsys):
 def test_cli_refuses_a_missing_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         cli.main(["eval", "--checkpoint", str(tmp_path), *TINY])
+
+
+def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
+    """A crash during step 2's fine-tuning: resuming finishes that step and reaches the target."""
+    trainer = tiny_trainer(tmp_path)
+    config = PruneConfig(reduction=0.4, steps=2, score_batches=1, finetune_epochs=2)
+    logged = []
+
+    def crash_in_step_two(rows):
+        logged[:] = [dict(r) for r in rows]
+        if len(rows) == 2:
+            fit = trainer.fit
+            trainer.fit = lambda epochs, phase: (fit(1, phase=phase), 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        iterative_prune(trainer, config, on_step=crash_in_step_two)
+    assert len(logged) == 2  # steps 0 and 1 logged; step 2 pruned and one epoch fine-tuned
+    again = tiny_trainer(tmp_path)
+    again.resume()
+    assert [r["phase"] for r in again.history].count("prune step 2") == 1
+    rows = iterative_prune(again, config, rows=logged)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["phase"] for r in again.history].count("prune step 2") == 2
+    assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9)
