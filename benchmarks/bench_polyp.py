@@ -84,7 +84,8 @@ def torch_pruning(path, args, out, importance, milestones):
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True,
                                   pruning_ratio=0.95, iterative_steps=200,
                                   ignored_layers=[model.segmentation_head])
-    rows = [{"step": 0, "gflops": model_stats(model, example).gflops, **t.evaluate(), **measure(args)(model)}]
+    stats = model_stats(model, example)
+    rows = [{"step": 0, "params": stats.params, "gflops": stats.gflops, **t.evaluate(), **measure(args)(model)}]
     for step, goal in enumerate(milestones, 1):
         while model_stats(model, example).gflops > goal:
             if importance == "taylor":  # gradients of the loss over the scoring batches
@@ -96,9 +97,9 @@ def torch_pruning(path, args, out, importance, milestones):
             pruner.step()
         t.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
         t.fit(args.finetune_epochs, phase=f"tp step {step}")
-        rows.append({"step": step, "gflops": model_stats(model, example).gflops, **t.evaluate(),
+        stats = model_stats(model, example)
+        rows.append({"step": step, "params": stats.params, "gflops": stats.gflops, **t.evaluate(),
                      **measure(args)(model)})
-    rows[-1]["params"] = sum(p.numel() for p in model.parameters())
     return rows
 
 
@@ -145,13 +146,13 @@ def main():
         f"### Polyp segmentation, {args.data}, {args.arch}-{args.encoder} at {args.size}x{args.size}, "
         f"{args.epochs} epochs from scratch; {args.steps} pruning steps, each removing the same share of FLOPs, "
         f"{args.finetune_epochs} fine-tuning epochs after each; {time.time() - start:.0f} s in all", "",
-        "| criterion | FLOPs target | steps | GFLOPs | Dice | IoU | Dice change | latency ms (batch 1) | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| unpruned | - | - | {base['gflops']:.2f} | {base['dice']:.4f} | {base['iou']:.4f} | - | "
+        "| criterion | FLOPs target | steps | params (M) | GFLOPs | Dice | IoU | Dice change | latency ms (batch 1) | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| unpruned | - | - | {base['params'] / 1e6:.2f} | {base['gflops']:.2f} | {base['dice']:.4f} | {base['iou']:.4f} | - | "
         f"{base['ms']:.1f} | 1.00x |"]
     for (name, reduction), rows in results.items():
         r = rows[-1]
-        report.append(f"| {name} | -{reduction:.0%} | {r['step']} | {r['gflops']:.2f} | {r['dice']:.4f} | "
+        report.append(f"| {name} | -{reduction:.0%} | {r['step']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['dice']:.4f} | "
                       f"{r['iou']:.4f} | {r['dice'] - base['dice']:+.4f} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
     print("\n".join(report))
     if not args.no_append:

@@ -11,6 +11,7 @@ weights. Opening a checkpoint never runs code from it.
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,18 @@ class PruningPlan:
         if config is not None and type(model).__module__.startswith("segmentation_models_pytorch"):
             base = {"arch": type(model).__name__, "kwargs": json.loads(json.dumps(dict(config)))}
         return cls(list(input_shape), base)
+
+    def original_group_sizes(self, analysis) -> Optional[list]:
+        """The channel group sizes before the first prune step, which policy.select_channels
+        needs to bound what all steps together remove; None before any step, or (with a
+        warning) where the model's groups no longer match them one to one: a group cut down to
+        one channel can split from a depthwise conv that follows it."""
+        sizes = next((step["group_sizes"] for step in self.steps if "group_sizes" in step), None)
+        if sizes is not None and len(sizes) != len(analysis.groups):
+            warnings.warn(f"the model now has {len(analysis.groups)} channel groups, not the "
+                          f"{len(sizes)} it started with: max_ratio bounds this step alone")
+            return None
+        return sizes
 
 
 def drop_unused_step_(model: torch.nn.Module, plan: PruningPlan) -> list:

@@ -91,7 +91,9 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
                        criterion=config.criterion, example_input=example, seed=config.seed + step,
                        progress=trainer.progress)
         analysis, full = scores.analysis, cost(scores.analysis)
-        options = dict(scope=config.scope, round_to=config.round_to)
+        # policy's max_ratio bounds what all steps together take from a group
+        options = dict(scope=config.scope, round_to=config.round_to,
+                       original_sizes=trainer.plan.original_group_sizes(analysis))
         # The fraction of this model's target still to go (the cost model counts conv FLOPs,
         # model_stats all of them: fractions carry over between the two).
         left = 1 - goal / getattr(stats, config.target)

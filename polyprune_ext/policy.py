@@ -10,7 +10,7 @@ weight whose input and output channels both shrink.
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -39,7 +39,7 @@ def cost(analysis: Analysis, kept: Optional[dict] = None) -> dict:
 
 def select_channels(analysis: Analysis, scores: dict, *, amount: float, target: str = "flops",
                     scope: str = "global", min_channels: int = 1, max_ratio: float = 0.9,
-                    round_to: int = 1) -> dict:
+                    round_to: int = 1, original_sizes: Optional[Sequence[int]] = None) -> dict:
     """The channels to keep, ``{group index: sorted indices}``, removing at least ``amount``
     (0 to 1) of the model's ``target`` ("channels" of prunable groups, "params" or conv "flops"),
     lowest ``scores[i]`` (one score per channel of group ``i``) first.
@@ -49,6 +49,10 @@ def select_channels(analysis: Analysis, scores: dict, *, amount: float, target: 
     than ``min_channels`` channels or loses more than ``max_ratio`` of them, and each keeps a
     multiple of ``round_to`` channels (8 suits tensor cores) unless that exceeds its size. Where the
     limits stop short of the target, the most they allow is returned, with a warning.
+
+    ``original_sizes`` (the unpruned model's group sizes, in group order) makes ``max_ratio`` bound
+    what all pruning steps together remove: without it, each of several steps could remove 90% of
+    what the last one left, and a layer would shrink to a single channel.
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
@@ -56,6 +60,9 @@ def select_channels(analysis: Analysis, scores: dict, *, amount: float, target: 
         raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
     if not 0 <= amount < 1:
         raise ValueError(f"amount is the fraction to remove, in [0, 1); got {amount}")
+    if original_sizes is not None and len(original_sizes) != len(analysis.groups):
+        raise ValueError(f"original_sizes has {len(original_sizes)} groups, the model "
+                         f"{len(analysis.groups)}: it must come from the same model before pruning")
     groups, ranking = {}, []  # ranking: (score, group) of every scored channel, lowest first
     for i, s in scores.items():
         analysis.check_prunable(i)
@@ -63,7 +70,8 @@ def select_channels(analysis: Analysis, scores: dict, *, amount: float, target: 
         s = torch.as_tensor(s, dtype=torch.float64).flatten()
         if s.numel() != group.size:
             raise ValueError(f"scores[{i}] has {s.numel()} values for a group of {group.size} channels")
-        floor = min(group.size, max(min_channels, math.ceil(group.size * (1 - max_ratio))))
+        original = group.size if original_sizes is None else original_sizes[i]
+        floor = min(group.size, max(min_channels, math.ceil(original * (1 - max_ratio))))
         groups[i] = (s.argsort(descending=True), floor)  # best first
         ranking += [(float(v), i) for v in s]
     ranking.sort()

@@ -96,14 +96,15 @@ class Pruner:
     def prune(self, amount: float, *, target: str = "flops", scope: str = "global",
               min_channels: int = 1, max_ratio: float = 0.9, round_to: int = 1) -> dict:
         """Remove the lowest-scoring channels: ``amount`` of the model's ``target`` (see
-        policy.select_channels for the options). Resets the scores; returns the step (also
-        recorded in ``self.plan``, which ``save`` writes beside the weights)."""
+        policy.select_channels for the options; ``max_ratio`` bounds all prunes together).
+        Resets the scores; returns the step (also recorded in ``self.plan``, which ``save``
+        writes beside the weights)."""
         if self.accumulator.batches == 0:
             raise RuntimeError("no batch has been scored: run training steps inside "
                                "`with pruner.scoring():` first")
         keep = select_channels(self.analysis, self.scores(), amount=amount, target=target,
                                scope=scope, min_channels=min_channels, max_ratio=max_ratio,
-                               round_to=round_to)
+                               round_to=round_to, original_sizes=self.plan.original_group_sizes(self.analysis))
         step = prune_(self.module, self.analysis, keep, self.optimizer)
         self.plan.steps.append(step)
         self._analyze()

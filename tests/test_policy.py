@@ -1,6 +1,7 @@
 """Channel selection: targets met, costs predicted exactly, limits kept, bad input refused."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -58,6 +59,23 @@ def test_limits_and_rounding():
         size = analysis.groups[i].size
         assert len(k) >= 3 and len(k) >= size / 2 and (len(k) % 2 == 0 or len(k) == size)
         assert torch.equal(k, k.unique())  # sorted and unique
+
+
+@pytest.mark.filterwarnings("ignore:the limits allow")
+def test_max_ratio_bounds_all_steps_together():
+    model = Toy().eval()
+    x = torch.randn(1, 3, 8, 8)
+    analysis = analyze(model, x)
+    original = [g.size for g in analysis.groups]
+    for _ in range(3):  # each step alone could take half of what the last one left
+        keep = select_channels(analysis, random_scores(analysis), amount=0.9, target="channels",
+                               max_ratio=0.5, original_sizes=original)
+        prune_(model, analysis, keep)
+        analysis = analyze(model, x)
+    for group, size in zip(analysis.groups, original):
+        assert group.size >= math.ceil(size * 0.5)
+    with pytest.raises(ValueError, match="original_sizes has 1 groups"):
+        select_channels(analysis, random_scores(analysis), amount=0.1, original_sizes=[8])
 
 
 def test_bad_input():
