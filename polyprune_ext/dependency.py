@@ -634,9 +634,10 @@ class Analysis:
 
 
 def default_ignore(model: torch.nn.Module) -> tuple:
-    """smp's heads: the segmentation head (and the optional classification head) are kept whole."""
-    return tuple(n for n in ("segmentation_head", "classification_head")
-                 if isinstance(getattr(model, n, None), torch.nn.Module))
+    """smp's heads, the segmentation head and the optional classification head, are kept whole,
+    also inside a model holding smp models (NucleiNet's two branches)."""
+    return tuple(n for n, m in model.named_modules()
+                 if n.rpartition(".")[2] in ("segmentation_head", "classification_head"))
 
 
 def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[tuple] = None) -> Analysis:

@@ -11,7 +11,6 @@ from typing import Callable, Optional
 
 import torch
 
-from .metrics import dice_bce_loss
 from .model_stats import model_stats
 from .policy import cost, select_channels
 from .scoring import score
@@ -86,7 +85,7 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
         stats = add_row(step, None)
     while getattr(stats, config.target) > goal * (1 + 1e-9):
         step += 1
-        scores = score(model, trainer.train_loader, loss_fn=dice_bce_loss, grad=config.grad,
+        scores = score(model, trainer.train_loader, loss_fn=trainer.loss_fn, grad=config.grad,
                        reduce=config.reduce, num_batches=config.score_batches,
                        criterion=config.criterion, example_input=example, seed=config.seed + step,
                        progress=trainer.progress)

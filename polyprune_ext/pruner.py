@@ -102,9 +102,10 @@ class Pruner:
         if self.accumulator.batches == 0:
             raise RuntimeError("no batch has been scored: run training steps inside "
                                "`with pruner.scoring():` first")
+        original = self.plan.original_group_sizes(self.analysis)
         keep = select_channels(self.analysis, self.scores(), amount=amount, target=target,
                                scope=scope, min_channels=min_channels, max_ratio=max_ratio,
-                               round_to=round_to, original_sizes=self.plan.original_group_sizes(self.analysis))
+                               round_to=round_to, original_sizes=original)
         step = prune_(self.module, self.analysis, keep, self.optimizer)
         self.plan.steps.append(step)
         self._analyze()

@@ -34,7 +34,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 

@@ -13,7 +13,7 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -67,8 +67,13 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, train_set, val_set, config: TrainConfig, *,
                  device="cpu", out_dir=None, plan: Optional[checkpoint.PruningPlan] = None,
-                 progress: bool = True):
+                 progress: bool = True, loss_fn: Callable = dice_bce_loss,
+                 metrics: Callable = BinarySegmentationMetrics):
+        """``loss_fn(logits, target)`` and ``metrics()`` (an object with update(logits, target)
+        and compute()) define the task: binary segmentation by default, the nuclei model's two
+        branches with polyprune_ext.nuclei's."""
         self.device = torch.device(device)
+        self.loss_fn, self.metrics = loss_fn, metrics
         self.config, self.progress = config, progress
         cuda = self.device.type == "cuda"
         self.amp = cuda if config.amp is None else config.amp
@@ -121,7 +126,7 @@ class Trainer:
             for x, y in progress(self.batches(self.train_loader), len(self.train_loader),
                                   self.progress, f"{phase} epoch {self.epoch + 1}"):
                 with self.autocast():
-                    loss = dice_bce_loss(self.model(x).float(), y)
+                    loss = self.loss_fn(self.model(x).float(), y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the training loss is {loss.item()} at epoch {self.epoch + 1}")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -139,9 +144,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, loader=None) -> dict:
-        """Dice, IoU, precision and recall on the validation set (or ``loader``)."""
+        """The task's metrics (Dice, IoU, precision and recall by default) on the validation set
+        (or ``loader``)."""
         self.model.eval()
-        metrics = BinarySegmentationMetrics()
+        metrics = self.metrics()
         for x, y in self.batches(loader or self.val_loader):
             with self.autocast():
                 metrics.update(self.model(x).float(), y)
