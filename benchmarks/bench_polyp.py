@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from polyprune_ext import checkpoint, speed
+from polyprune_ext import checkpoint, report, speed
 from polyprune_ext.data import polyp_dataset
 from polyprune_ext.iterative import PruneConfig, iterative_prune
 from polyprune_ext.metrics import dice_bce_loss
@@ -64,12 +64,21 @@ def unpruned(args, out):
 
 
 def ours(path, args, out, name, reduction):
+    """One pruning run in out/NAME-REDUCTION; a run interrupted (or finished) before resumes from
+    its rows.json and checkpoint, so a crash costs at most the step in progress."""
+    directory = out / f"{name}-{reduction}"
+    log = directory / "rows.json"  # written by report.write_rows, whole or not at all
     seed_everything(0)
-    t = trainer(checkpoint.load(path), args, out / f"{name}-{reduction}", plan=checkpoint.read_plan(path))
+    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path))
+    rows = None
+    if log.exists() and (directory / "train_state.pt").exists():
+        t.resume()
+        rows = json.loads(log.read_text())
     criterion, grad = CRITERIA[name]
     config = PruneConfig(reduction=reduction, steps=args.steps, criterion=criterion, grad=grad,
                          score_batches=args.score_batches, finetune_epochs=args.finetune_epochs)
-    return iterative_prune(t, config, measure=measure(args))
+    return iterative_prune(t, config, measure=measure(args), rows=rows,
+                           on_step=lambda rows: report.write_rows(rows, directory, "rows"))
 
 
 def torch_pruning(path, args, out, importance, milestones):
