@@ -33,11 +33,13 @@ class PruningPlan:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, input_shape) -> "PruningPlan":
-        """An empty plan; for smp models it records how to rebuild the base model."""
+        """An empty plan; for smp models and NucleiNet it records how to rebuild the base model."""
         config = getattr(model, "_hub_mixin_config", None)  # smp keeps its constructor arguments
         base = None
         if config is not None and type(model).__module__.startswith("segmentation_models_pytorch"):
             base = {"arch": type(model).__name__, "kwargs": json.loads(json.dumps(dict(config)))}
+        elif type(model).__name__ == "NucleiNet" and hasattr(model, "spec"):  # polyprune_ext.nuclei
+            base = {"arch": "NucleiNet", "kwargs": dict(model.spec)}
         return cls(list(input_shape), base)
 
     def original_group_sizes(self, analysis) -> Optional[list]:
@@ -85,6 +87,10 @@ def replay_(model: torch.nn.Module, plan: PruningPlan) -> torch.nn.Module:
 def build_base(plan: PruningPlan) -> torch.nn.Module:
     if plan.base is None:
         raise ValueError("this plan records no smp constructor: pass the unpruned base model")
+    if plan.base["arch"] == "NucleiNet":
+        from .nuclei import NucleiNet
+
+        return NucleiNet(**plan.base["kwargs"])
     import segmentation_models_pytorch as smp
 
     kwargs = dict(plan.base["kwargs"], encoder_weights=None)  # the weights come from the checkpoint

@@ -1,10 +1,13 @@
-"""The polyprune command: train, prune, eval, bench and demo for polyp segmentation.
+"""The polyprune command: train, prune, eval, bench and demo for polyp segmentation, and
+nuclei train / sweep for nuclei instance segmentation with magnitude pruning.
 
     polyprune demo                                   # synthetic data, CPU, about 5 minutes
     polyprune train --data ../kvasir-seg --out runs/unet
     polyprune prune --checkpoint runs/unet --data ../kvasir-seg --reduction 0.5 --out runs/pruned
     polyprune eval --checkpoint runs/pruned --data ../kvasir-seg
     polyprune bench --checkpoint runs/pruned --size 352
+    polyprune nuclei train --data ../dsb2018 --out runs/nuclei
+    polyprune nuclei sweep --checkpoint runs/nuclei --data ../dsb2018 --out runs/sweep
 
 --data takes a Kvasir-SEG / CVC-ClinicDB style folder (images/ and masks/ with matching names),
 or "synthetic" (the default: generated polyps, fixed seed). A checkpoint is a directory holding
@@ -26,9 +29,8 @@ from .iterative import CRITERIA, PruneConfig, iterative_prune
 from .training import TrainConfig, Trainer, build_model, seed_everything
 
 
-def add_data_options(p, size=352):
-    p.add_argument("--data", default="synthetic",
-                   help="images/ + masks/ folder, or 'synthetic' (default)")
+def add_data_options(p, size=352, data_help="images/ + masks/ folder, or 'synthetic' (default)"):
+    p.add_argument("--data", default="synthetic", help=data_help)
     p.add_argument("--size", type=int, default=size, help="input side in pixels (default %(default)s)")
     p.add_argument("--val-count", type=int, default=None,
                    help="validation images (default: 12%% of the set; Kvasir-SEG benchmarks use 120)")
@@ -135,11 +137,68 @@ def prune_magnitude(trainer, args, out):
     then made permanent."""
     before = trainer.evaluate()
     reached = magnitude.magnitude_prune_(trainer.model, args.sparsity, scope=args.scope)
+    trainer.out_dir = None  # no checkpoints while the masks are held: they would not load
     trainer.fit(args.finetune_epochs, phase="fine-tune")
     magnitude.make_permanent_(trainer.model)
+    trainer.out_dir = out
     trainer.save()
     after = trainer.evaluate()
     print(json.dumps({"sparsity": reached, "before": before, "after": after}, indent=1))
+
+
+def nuclei_trainer(model, args, out, plan=None):
+    from .nuclei import NucleiMetrics, nuclei_datasets, nuclei_loss
+
+    common = dict(size=args.size, val_count=args.val_count, seed=args.seed)
+    if args.data == "synthetic":
+        common["count"] = args.synthetic_count
+    train_set, val_set = nuclei_datasets(None if args.data == "synthetic" else args.data, **common)
+    config = TrainConfig(epochs=getattr(args, "epochs", 0), batch_size=args.batch_size, lr=args.lr,
+                         workers=args.workers, seed=args.seed)
+    return Trainer(model, train_set, val_set, config, device=args.device, out_dir=out, plan=plan,
+                   progress=not args.no_progress, loss_fn=nuclei_loss, metrics=NucleiMetrics)
+
+
+def cmd_nuclei_train(args):
+    from .nuclei import NucleiNet
+
+    seed_everything(args.seed)
+    out = Path(args.out)
+    model = NucleiNet(args.arch, args.encoder, shared_encoder=args.shared_encoder)
+    trainer = nuclei_trainer(model, args, out)
+    if args.resume:
+        trainer.resume()
+    trainer.fit(args.epochs - trainer.epoch)
+    print(json.dumps(trainer.evaluate(), indent=1))
+
+
+def cmd_nuclei_sweep(args):
+    from . import sweep
+
+    seed_everything(args.seed)
+    model, plan = load_checkpoint(args.checkpoint)
+    out = Path(args.out)
+    trainer = nuclei_trainer(model, args, None, plan=plan)
+    rows = None
+    if args.resume and (out / "sweep.json").exists():
+        rows = json.loads((out / "sweep.json").read_text())
+        print(f"resuming after {len(rows)} points", file=sys.stderr)
+    start = time.time()
+    rows = sweep.compression_sweep(
+        trainer, crs=args.crs, scopes=args.scopes, finetune_epochs=args.finetune_epochs,
+        gradual=not args.one_shot, first=not args.keep_first, last=not args.keep_last,
+        biases=args.biases, out_dir=out / "points", rows=rows,
+        on_row=lambda rows: report.write_rows(rows, out, "sweep"))
+    plotted = sweep.plot_sweep(rows, out / "sweep.png")
+    text = ["# Magnitude pruning sweep: layer-wise against network-wide", "",
+            f"- command: `polyprune {' '.join(sys.argv[1:])}`",
+            f"- data: {args.data}, {args.size}x{args.size}; {args.finetune_epochs} fine-tuning epochs "
+            f"per point, {'one-shot' if args.one_shot else 'gradual'}; {time.time() - start:.0f} s",
+            "", sweep.sweep_table(rows), "", *sweep.crossing_summary(rows), ""]
+    report._write(out / "sweep.md", "\n".join(text))
+    print("\n".join(text[4:]))
+    print(f"\nreport: {out / 'sweep.md'}; log: {out / 'sweep.csv'}"
+          + (f"; plot: {out / 'sweep.png'}" if plotted else ""))
 
 
 def cmd_eval(args):
@@ -217,6 +276,39 @@ def parser():
     p.add_argument("--arch", default="Unet")
     p.add_argument("--encoder", default="resnet34")
     p.set_defaults(run=cmd_bench)
+
+    nuclei = sub.add_parser("nuclei", help="nuclei instance segmentation: train, magnitude sweep")
+    nuclei_sub = nuclei.add_subparsers(dest="nuclei_command", required=True)
+    nuclei_data_help = ("DSB2018 folder (<id>/images, <id>/masks), images/ + labels/ folder, or "
+                        "'synthetic' (default)")
+    p = nuclei_sub.add_parser("train", help="train the two-branch model (mask + distance map)")
+    add_data_options(p, size=256, data_help=nuclei_data_help)
+    p.set_defaults(synthetic_count=200)
+    p.add_argument("--arch", default="Unet", help="smp architecture of each branch")
+    p.add_argument("--encoder", default="resnet34", help="smp encoder of each branch")
+    p.add_argument("--shared-encoder", action="store_true", help="one encoder, two decoders")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--out", required=True, help="directory for checkpoints (written every epoch)")
+    p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    p.set_defaults(run=cmd_nuclei_train)
+
+    p = nuclei_sub.add_parser("sweep", help="magnitude pruning at each compression ratio, "
+                              "layer-wise and network-wide, fine-tuned; table, plot, report")
+    add_data_options(p, size=256, data_help=nuclei_data_help)
+    p.set_defaults(synthetic_count=200)
+    p.add_argument("--checkpoint", required=True, help="directory written by `nuclei train`")
+    p.add_argument("--out", required=True, help="directory for the log, plot, report and points")
+    p.add_argument("--crs", type=float, nargs="+", default=[1, 2, 4, 5, 8, 10, 16, 20, 32, 64],
+                   help="compression ratios: prunable weights / remaining weights")
+    p.add_argument("--scopes", nargs="+", choices=("layer", "global"), default=["layer", "global"])
+    p.add_argument("--finetune-epochs", type=int, default=1, help="epochs after each pruning")
+    p.add_argument("--one-shot", action="store_true",
+                   help="prune the trained model afresh at each CR (default: gradually)")
+    p.add_argument("--keep-first", action="store_true", help="leave the first conv of each network dense")
+    p.add_argument("--keep-last", action="store_true", help="leave the last conv of each network dense")
+    p.add_argument("--biases", action="store_true", help="prune conv biases too")
+    p.add_argument("--resume", action="store_true", help="continue from --out's sweep.json")
+    p.set_defaults(run=cmd_nuclei_sweep)
 
     p = sub.add_parser("demo", help="train and prune a small Unet on synthetic polyps (CPU, minutes)")
     add_data_options(p, size=128)

@@ -147,16 +147,17 @@ class PolypFolder(_PolypDataset):
         return np.array(image, dtype=np.uint8), (np.asarray(mask) > 127).astype(np.uint8)
 
 
-def _list_images(root, name):
-    """{stem: path} of the image files in root/name; errors say what layout was expected."""
+def _list_images(root, name, layout=_LAYOUT, extensions=IMAGE_EXTENSIONS):
+    """{stem: path} of the files with ``extensions`` in root/name; errors quote ``layout``, the
+    folder layout that was expected."""
     if not root.is_dir():
-        raise FileNotFoundError(f"polyp data folder {root} does not exist; {_LAYOUT}")
+        raise FileNotFoundError(f"data folder {root} does not exist; {layout}")
     folder = root / name
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is missing; {_LAYOUT}")
+        raise FileNotFoundError(f"{folder} is missing; {layout}")
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        if path.name.startswith(".") or path.suffix.lower() not in extensions:
             continue
         if not path.is_file():
             continue
@@ -167,17 +168,18 @@ def _list_images(root, name):
     return files
 
 
-def _check_pairs(root, images, masks):
-    """Every image needs a mask and vice versa: a silent intersection would hide a broken copy."""
-    if not images and not masks:
-        raise ValueError(f"no images in {root / 'images'} or {root / 'masks'}; {_LAYOUT}")
-    lonely_images = sorted(set(images) - set(masks))
-    lonely_masks = sorted(set(masks) - set(images))
-    if lonely_images or lonely_masks:
+def _check_pairs(root, images, targets, name="masks", layout=_LAYOUT):
+    """Every image needs its target file in root/``name`` and vice versa: a silent intersection
+    would hide a broken copy."""
+    if not images and not targets:
+        raise ValueError(f"no images in {root / 'images'} or {root / name}; {layout}")
+    lonely_images = sorted(set(images) - set(targets))
+    lonely_targets = sorted(set(targets) - set(images))
+    if lonely_images or lonely_targets:
         raise ValueError(
-            f"images and masks in {root} do not pair up: {len(images)} images, {len(masks)} masks; "
-            f"{len(lonely_images)} images without a mask (e.g. {lonely_images[:5]}), "
-            f"{len(lonely_masks)} masks without an image (e.g. {lonely_masks[:5]}); {_LAYOUT}")
+            f"images and {name} in {root} do not pair up: {len(images)} images, {len(targets)} "
+            f"{name}; {len(lonely_images)} images without a {name.rstrip('s')} (e.g. {lonely_images[:5]}), "
+            f"{len(lonely_targets)} {name} without an image (e.g. {lonely_targets[:5]}); {layout}")
 
 
 def _decode(path, mode):
@@ -189,15 +191,13 @@ def _decode(path, mode):
         raise ValueError(f"cannot decode image file {path}: {e}") from e
 
 
-class SyntheticPolyps(_PolypDataset):
-    """Procedurally drawn colonoscopy-like frames with 1-2 polyps each, and their masks.
+class _SyntheticSplit:
+    """What the synthetic sets share: item i depends only on (seed, i), drawn by ``_draw`` from
+    its own numpy Generator: the same sample every time, in any process or worker, in any order,
+    with nothing stored. ``seed`` also seeds the split of the indices 0..count-1 (as for the
+    folders); ``.indices`` lists this split's."""
 
-    Item i depends only on (seed, i), drawn from its own numpy Generator: the same image every
-    time, in any process or worker, in any order, with nothing stored. ``seed`` also seeds the
-    split of the indices 0..count-1 (as for PolypFolder); ``.indices`` lists this split's.
-    """
-
-    def __init__(self, count=240, *, size=256, split="all", val_count=None, val_fraction=0.12,
+    def __init__(self, count, *, size=256, split="all", val_count=None, val_fraction=0.12,
                  seed=0, augment=False):
         _check_size(size)
         if count <= 0:
@@ -210,7 +210,18 @@ class SyntheticPolyps(_PolypDataset):
         return len(self.indices)
 
     def __getitem__(self, index):
-        return self._tensors(*synthetic_polyp(self.seed, self.indices[index], self.size))
+        return self._tensors(*self._draw(self.indices[index]))
+
+
+class SyntheticPolyps(_SyntheticSplit, _PolypDataset):
+    """Procedurally drawn colonoscopy-like frames with 1-2 polyps each, and their masks
+    (``synthetic_polyp``); options as for _SyntheticSplit."""
+
+    def __init__(self, count=240, **options):
+        super().__init__(count, **options)
+
+    def _draw(self, index):
+        return synthetic_polyp(self.seed, index, self.size)
 
 
 def synthetic_polyp(seed, index, size=256):

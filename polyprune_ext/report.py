@@ -62,13 +62,20 @@ def plot_dice_against_flops(rows: list, path, title: str = "") -> bool:
     axes.set_ylabel("validation Dice")
     axes.set_title(title or "Dice against FLOPs, pruning step by step")
     axes.grid(alpha=0.3)
+    save_figure(figure, path)
+    return True
+
+
+def save_figure(figure, path) -> None:
+    """Lay out, write to a temporary name, rename (a crash leaves the previous file), close."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     figure.savefig(tmp)
     plt.close(figure)
     tmp.replace(path)
-    return True
 
 
 def before_after(rows: list) -> str:

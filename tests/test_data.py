@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import dihedral, unnormalize
+
 from polyprune_ext.data import (MEAN, STD, PolypFolder, SyntheticPolyps, polyp_dataset,
                                 synthetic_polyp)
 
@@ -49,18 +51,6 @@ def make_folder(root, stems=("a", "b", "c", "d", "e", "f"), *, image_ext=None, m
 @pytest.fixture
 def folder(tmp_path):
     return make_folder(tmp_path / "polyps")
-
-
-def unnormalize(x):
-    return x * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
-
-
-def dihedral(t):
-    """The 8 flips/rotations of a (C, H, W) tensor."""
-    out = []
-    for flipped in (t, t.flip(-1)):
-        out += [flipped.rot90(k, (-2, -1)) for k in range(4)]
-    return out
 
 
 # ---- folders: items ---------------------------------------------------------------------------
