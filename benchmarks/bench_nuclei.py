@@ -3,7 +3,8 @@
 For each data set (--data: a DSB2018 folder, a label-image folder or "synthetic"; several may be
 given), the two-branch NucleiNet is trained from scratch once (its checkpoint is reused when
 --out holds a finished one), then polyprune_ext.sweep runs every compression ratio with both
-scopes, fine-tuning --finetune-epochs after each (gradual by default). Prints, and appends to
+scopes, fine-tuning --finetune-epochs after each (gradual by default; an interrupted sweep
+resumes after the points in its sweep.json). Prints, and appends to
 benchmarks/RESULTS.md: the unpruned metrics, the sweep table (semantic Dice, regression MSE,
 instance AJI and PQ, dense and compressed checkpoint sizes), where the scopes cross, and the
 largest CR at which each metric stays within 2% of the unpruned model (the issue's targets:
@@ -11,6 +12,7 @@ Dice at CR 16, MSE at CR 20, AJI at CR 5).
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -56,14 +58,17 @@ def run(args, data, out):
     trained_s = time.time() - start
     base = t.evaluate()
     start = time.time()
+    logged = out / "sweep.json"  # the points of an interrupted sweep: it resumes after them
     rows = sweep.compression_sweep(t, crs=args.crs, finetune_epochs=args.finetune_epochs,
+                                   finetune_lr=args.finetune_lr,
                                    out_dir=out / "points",
+                                   rows=json.loads(logged.read_text()) if logged.exists() else None,
                                    on_row=lambda rows: report.write_rows(rows, out, "sweep"))
     sweep.plot_sweep(rows, out / "sweep.png", title=f"{data}: magnitude pruning")
     lines = [f"### Nuclei, {data} ({n_train} train / {n_val} val images at {args.size}x{args.size}), "
              f"NucleiNet({args.arch}, {args.encoder}, shared_encoder={args.shared_encoder}); "
              f"trained {args.epochs} epochs ({trained_s:.0f} s here; 0 if reused); sweep: gradual, "
-             f"{args.finetune_epochs} fine-tuning epoch(s) per point, {time.time() - start:.0f} s", "",
+             f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}, {time.time() - start:.0f} s", "",
              f"Unpruned: Dice {base['dice']:.4f}, MSE {base['mse']:.5f}, AJI {base['aji']:.4f}, "
              f"PQ {base['pq']:.4f}", "", sweep.sweep_table(rows), "", *sweep.crossing_summary(rows)]
     for metric, higher, goal in TARGETS:
@@ -85,7 +90,8 @@ def main():
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--shared-encoder", action="store_true")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--crs", type=float, nargs="+", default=list(sweep.CRS))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)

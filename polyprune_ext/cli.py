@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, magnitude, report, speed
+from . import checkpoint, magnitude, report, speed, sweep
 from .data import polyp_dataset
 from .iterative import CRITERIA, PruneConfig, iterative_prune
 from .training import TrainConfig, Trainer, build_model, seed_everything
@@ -168,13 +168,11 @@ def cmd_nuclei_train(args):
     trainer = nuclei_trainer(model, args, out)
     if args.resume:
         trainer.resume()
-    trainer.fit(args.epochs - trainer.epoch)
-    print(json.dumps(trainer.evaluate(), indent=1))
+    trainer.fit(max(0, args.epochs - trainer.epoch))
+    print(json.dumps({"checkpoint": str(out / "model.safetensors"), **trainer.evaluate()}, indent=1))
 
 
 def cmd_nuclei_sweep(args):
-    from . import sweep
-
     seed_everything(args.seed)
     model, plan = load_checkpoint(args.checkpoint)
     out = Path(args.out)
@@ -186,16 +184,16 @@ def cmd_nuclei_sweep(args):
     start = time.time()
     rows = sweep.compression_sweep(
         trainer, crs=args.crs, scopes=args.scopes, finetune_epochs=args.finetune_epochs,
-        gradual=not args.one_shot, first=not args.keep_first, last=not args.keep_last,
+        finetune_lr=args.finetune_lr, gradual=not args.one_shot, first=not args.keep_first, last=not args.keep_last,
         biases=args.biases, out_dir=out / "points", rows=rows,
         on_row=lambda rows: report.write_rows(rows, out, "sweep"))
     plotted = sweep.plot_sweep(rows, out / "sweep.png")
     text = ["# Magnitude pruning sweep: layer-wise against network-wide", "",
             f"- command: `polyprune {' '.join(sys.argv[1:])}`",
             f"- data: {args.data}, {args.size}x{args.size}; {args.finetune_epochs} fine-tuning epochs "
-            f"per point, {'one-shot' if args.one_shot else 'gradual'}; {time.time() - start:.0f} s",
+            f"per point at lr {args.finetune_lr:g}, {'one-shot' if args.one_shot else 'gradual'}; {time.time() - start:.0f} s",
             "", sweep.sweep_table(rows), "", *sweep.crossing_summary(rows), ""]
-    report._write(out / "sweep.md", "\n".join(text))
+    report.write_text(out / "sweep.md", "\n".join(text))
     print("\n".join(text[4:]))
     print(f"\nreport: {out / 'sweep.md'}; log: {out / 'sweep.csv'}"
           + (f"; plot: {out / 'sweep.png'}" if plotted else ""))
@@ -298,10 +296,12 @@ def parser():
     p.set_defaults(synthetic_count=200)
     p.add_argument("--checkpoint", required=True, help="directory written by `nuclei train`")
     p.add_argument("--out", required=True, help="directory for the log, plot, report and points")
-    p.add_argument("--crs", type=float, nargs="+", default=[1, 2, 4, 5, 8, 10, 16, 20, 32, 64],
+    p.add_argument("--crs", type=float, nargs="+", default=list(sweep.CRS),
                    help="compression ratios: prunable weights / remaining weights")
     p.add_argument("--scopes", nargs="+", choices=("layer", "global"), default=["layer", "global"])
     p.add_argument("--finetune-epochs", type=int, default=1, help="epochs after each pruning")
+    p.add_argument("--finetune-lr", type=float, default=1e-4,
+                   help="learning rate of each point's fine-tuning (default %(default)s)")
     p.add_argument("--one-shot", action="store_true",
                    help="prune the trained model afresh at each CR (default: gradually)")
     p.add_argument("--keep-first", action="store_true", help="leave the first conv of each network dense")

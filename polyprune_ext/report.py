@@ -11,7 +11,8 @@ COLUMNS = [("step", "step", "{}"), ("params", "params (M)", "{:.2f}"), ("gflops"
            ("fps", "FPS", "{:.1f}")]
 
 
-def _write(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """``text`` to ``path``, whole or not at all."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
@@ -25,8 +26,8 @@ def write_rows(rows: list, out_dir, name: str = "pruning_log") -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    _write(out_dir / f"{name}.csv", buffer.getvalue())
-    _write(out_dir / f"{name}.json", json.dumps(rows, indent=1))
+    write_text(out_dir / f"{name}.csv", buffer.getvalue())
+    write_text(out_dir / f"{name}.json", json.dumps(rows, indent=1))
 
 
 def table(rows: list) -> str:
@@ -97,5 +98,5 @@ def write_report(rows: list, out_dir, heading: str, details: list) -> Path:
     path = Path(out_dir) / "report.md"
     text = [f"# {heading}", "", *details, "", "## Before and after", "", before_after(rows), "",
             "## Every step", "", table(rows), ""]
-    _write(path, "\n".join(text))
+    write_text(path, "\n".join(text))
     return path

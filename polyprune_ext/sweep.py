@@ -40,7 +40,7 @@ def point_path(out_dir, scope: str, cr: float) -> Path:
 
 
 def compression_sweep(trainer, *, crs=CRS, scopes=SCOPES, finetune_epochs: int = 1,
-                      gradual: bool = True, first: bool = True, last: bool = True,
+                      finetune_lr: Optional[float] = None, gradual: bool = True, first: bool = True, last: bool = True,
                       biases: bool = False, out_dir=None, rows: Optional[list] = None,
                       on_row: Optional[Callable] = None) -> list:
     """Rows ``{"scope", "cr", "sparsity", <trainer.evaluate() metrics>, "dense_mb",
@@ -48,7 +48,10 @@ def compression_sweep(trainer, *, crs=CRS, scopes=SCOPES, finetune_epochs: int =
     then it is one network) is left as trained. Every network it names (``networks()``) is
     pruned to the same CR, by its own threshold when the scope is network-wide.
 
-    ``first``, ``last``, ``biases``: the scope of magnitude.prunable_tensors. ``out_dir``:
+    Each point fine-tunes with a fresh AdamW at ``finetune_lr`` (default the trainer's), cosine
+    over its epochs: a trained model wants a smaller rate than training from scratch, or the
+    first steps undo more than the pruning did. ``first``, ``last``, ``biases``: the scope of
+    magnitude.prunable_tensors. ``out_dir``:
     where each point's compressed checkpoint goes (needed to resume a gradual sweep). ``rows``:
     those logged so far, to resume; ``on_row(rows)`` after each new one."""
     if any(cr < 1 for cr in crs):
@@ -76,7 +79,8 @@ def compression_sweep(trainer, *, crs=CRS, scopes=SCOPES, finetune_epochs: int =
                     _restore(model, networks, trained, point_path(out_dir, scope, previous), options)
                 for network in networks:
                     magnitude.magnitude_prune_(network, magnitude.sparsity_for(cr), scope=scope, **options)
-                trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.config.lr,
+                lr = trainer.config.lr if finetune_lr is None else finetune_lr
+                trainer.optimizer = torch.optim.AdamW(model.parameters(), lr=lr,
                                                       weight_decay=trainer.config.weight_decay)
                 _same_start(trainer)
                 trainer.fit(finetune_epochs, phase=f"{SCOPE_NAMES[scope]} CR {cr:g}")

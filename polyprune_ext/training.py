@@ -107,10 +107,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
     def fit(self, epochs: int, *, phase: str = "train") -> list:
-        """Train ``epochs`` epochs with a fresh schedule over them; validate and checkpoint after
-        each. Returns the per-epoch records (also kept in ``self.history``)."""
+        """Train ``epochs`` epochs with a fresh schedule over them, from the optimizer's rate when
+        it was first fitted; validate and checkpoint after each. Returns the per-epoch records
+        (also kept in ``self.history``)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", self.config.lr)
+            group["lr"] = group.setdefault("initial_lr", group["lr"])
         steps = max(1, epochs * len(self.train_loader))
         if self.config.schedule == "cosine":
             schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -1,6 +1,7 @@
 """The nuclei model, its loss and metrics, structural pruning and checkpoints of it, and the
 magnitude compression sweep."""
 
+import copy
 import json
 
 import pytest
@@ -127,9 +128,10 @@ def test_sweep_prunes_fine_tunes_restores_and_resumes(tmp_path):
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     logged = []
     rows = sweep.compression_sweep(trainer, crs=(1, 4, 16), scopes=("layer", "global"),
-                                   finetune_epochs=1, out_dir=tmp_path / "points",
+                                   finetune_epochs=1, finetune_lr=1e-4, out_dir=tmp_path / "points",
                                    on_row=lambda rows: logged.append(len(rows)))
     assert logged == [1, 2, 3, 4, 5, 6] and trainer.out_dir == tmp_path / "trained"
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == 1e-4
     assert [(r["scope"], r["cr"]) for r in rows] == [(s, c) for s in ("layer", "global") for c in (1, 4, 16)]
     for r in rows:
         assert r["sparsity"] == pytest.approx(magnitude.sparsity_for(r["cr"]), abs=2e-3)
@@ -151,5 +153,25 @@ def test_sweep_prunes_fine_tunes_restores_and_resumes(tmp_path):
     assert zeros / total == pytest.approx(layer16["sparsity"], abs=1e-6)
     # resume after the first two points: the layer-wise CR 16 point continues from CR 4's file
     resumed = sweep.compression_sweep(trainer, crs=(1, 4, 16), scopes=("layer",), finetune_epochs=1,
+                                      finetune_lr=1e-4,
                                       out_dir=tmp_path / "points", rows=json.loads(json.dumps(rows[:2])))
     assert len(resumed) == 3 and numbers(resumed[2]) == pytest.approx(numbers(layer16), rel=1e-5)
+
+
+def test_one_shot_point_is_the_trained_model_pruned_once(tmp_path):
+    """Without fine-tuning, a one-shot point is the trained model pruned straight to its CR, each
+    network by its own threshold: evaluated the same as pruning a copy by hand."""
+    torch.manual_seed(0)
+    model = NucleiNet("Unet", "resnet18")
+    train, val = nuclei_datasets(None, count=4, size=64, val_count=2)
+    trainer = Trainer(model, train, val, TrainConfig(batch_size=2), progress=False,
+                      loss_fn=nuclei_loss, metrics=NucleiMetrics)
+    rows = sweep.compression_sweep(trainer, crs=(4, 16), scopes=("global",), gradual=False,
+                                   finetune_epochs=0, first=False)
+    by_hand = copy.deepcopy(model)
+    for network in by_hand.networks().values():
+        magnitude.magnitude_prune_(network, magnitude.sparsity_for(16), scope="global", first=False)
+    trainer.model = by_hand
+    expected = trainer.evaluate()
+    assert rows[1]["cr"] == 16 and rows[1]["sparsity"] == pytest.approx(0.9375, abs=1e-3)
+    assert {k: rows[1][k] for k in expected} == pytest.approx(expected, rel=1e-6)
