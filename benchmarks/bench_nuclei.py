@@ -90,7 +90,7 @@ def main():
     parser.add_argument("--encoder", default="resnet18")
     parser.add_argument("--shared-encoder", action="store_true")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--finetune-epochs", type=int, default=2)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--crs", type=float, nargs="+", default=list(sweep.CRS))
     parser.add_argument("--batch-size", type=int, default=8)
