@@ -68,7 +68,8 @@ def run(args, data, out):
     lines = [f"### Nuclei, {data} ({n_train} train / {n_val} val images at {args.size}x{args.size}), "
              f"NucleiNet({args.arch}, {args.encoder}, shared_encoder={args.shared_encoder}); "
              f"trained {args.epochs} epochs ({trained_s:.0f} s here; 0 if reused); sweep: gradual, "
-             f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}, {time.time() - start:.0f} s", "",
+             f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}, "
+             f"{time.time() - start:.0f} s", "",
              f"Unpruned: Dice {base['dice']:.4f}, MSE {base['mse']:.5f}, AJI {base['aji']:.4f}, "
              f"PQ {base['pq']:.4f}", "", sweep.sweep_table(rows), "", *sweep.crossing_summary(rows)]
     for metric, higher, goal in TARGETS:

@@ -184,14 +184,15 @@ def cmd_nuclei_sweep(args):
     start = time.time()
     rows = sweep.compression_sweep(
         trainer, crs=args.crs, scopes=args.scopes, finetune_epochs=args.finetune_epochs,
-        finetune_lr=args.finetune_lr, gradual=not args.one_shot, first=not args.keep_first, last=not args.keep_last,
-        biases=args.biases, out_dir=out / "points", rows=rows,
+        finetune_lr=args.finetune_lr, gradual=not args.one_shot, first=not args.keep_first,
+        last=not args.keep_last, biases=args.biases, out_dir=out / "points", rows=rows,
         on_row=lambda rows: report.write_rows(rows, out, "sweep"))
     plotted = sweep.plot_sweep(rows, out / "sweep.png")
     text = ["# Magnitude pruning sweep: layer-wise against network-wide", "",
             f"- command: `polyprune {' '.join(sys.argv[1:])}`",
             f"- data: {args.data}, {args.size}x{args.size}; {args.finetune_epochs} fine-tuning epochs "
-            f"per point at lr {args.finetune_lr:g}, {'one-shot' if args.one_shot else 'gradual'}; {time.time() - start:.0f} s",
+            f"per point at lr {args.finetune_lr:g}, {'one-shot' if args.one_shot else 'gradual'}; "
+            f"{time.time() - start:.0f} s",
             "", sweep.sweep_table(rows), "", *sweep.crossing_summary(rows), ""]
     report.write_text(out / "sweep.md", "\n".join(text))
     print("\n".join(text[4:]))

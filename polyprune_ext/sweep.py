@@ -40,9 +40,9 @@ def point_path(out_dir, scope: str, cr: float) -> Path:
 
 
 def compression_sweep(trainer, *, crs=CRS, scopes=SCOPES, finetune_epochs: int = 1,
-                      finetune_lr: Optional[float] = None, gradual: bool = True, first: bool = True, last: bool = True,
-                      biases: bool = False, out_dir=None, rows: Optional[list] = None,
-                      on_row: Optional[Callable] = None) -> list:
+                      finetune_lr: Optional[float] = None, gradual: bool = True,
+                      first: bool = True, last: bool = True, biases: bool = False, out_dir=None,
+                      rows: Optional[list] = None, on_row: Optional[Callable] = None) -> list:
     """Rows ``{"scope", "cr", "sparsity", <trainer.evaluate() metrics>, "dense_mb",
     "compressed_mb"}`` for every scope and CR. ``trainer.model`` (a NucleiNet, or any model:
     then it is one network) is left as trained. Every network it names (``networks()``) is
@@ -51,9 +51,9 @@ def compression_sweep(trainer, *, crs=CRS, scopes=SCOPES, finetune_epochs: int =
     Each point fine-tunes with a fresh AdamW at ``finetune_lr`` (default the trainer's), cosine
     over its epochs: a trained model wants a smaller rate than training from scratch, or the
     first steps undo more than the pruning did. ``first``, ``last``, ``biases``: the scope of
-    magnitude.prunable_tensors. ``out_dir``:
-    where each point's compressed checkpoint goes (needed to resume a gradual sweep). ``rows``:
-    those logged so far, to resume; ``on_row(rows)`` after each new one."""
+    magnitude.prunable_tensors. ``out_dir``: where each point's compressed checkpoint goes
+    (needed to resume a gradual sweep). ``rows``: those logged so far, to resume;
+    ``on_row(rows)`` after each new one."""
     if any(cr < 1 for cr in crs):
         raise ValueError(f"compression ratios are at least 1, got {sorted(crs)}")
     unknown = set(scopes) - set(SCOPES)
@@ -136,23 +136,26 @@ def _save_point(model, out_dir, scope, cr) -> dict:
     return {"dense_mb": sizes["dense_bytes"] / 2**20, "compressed_mb": sizes["compressed_bytes"] / 2**20}
 
 
-def crossings(rows: list, metric: str, higher_is_better: bool) -> list:
-    """The CRs at which the better scope for ``metric`` changes, as (cr, now-better scope)."""
+def _leaders(rows: list, metric: str, higher_is_better: bool) -> list:
+    """(cr, better scope) for every CR at which both scopes have ``metric`` and differ."""
     by_cr = {}
     for r in rows:
         if metric in r:
             by_cr.setdefault(r["cr"], {})[r["scope"]] = r[metric]
-    changes, leader = [], None
+    leaders = []
     for cr in sorted(by_cr):
         values = by_cr[cr]
         if len(values) < 2 or values["layer"] == values["global"]:
             continue
         better = (values["global"] > values["layer"]) == higher_is_better
-        now = "global" if better else "layer"
-        if leader is not None and now != leader:
-            changes.append((cr, now))
-        leader = now
-    return changes
+        leaders.append((cr, "global" if better else "layer"))
+    return leaders
+
+
+def crossings(rows: list, metric: str, higher_is_better: bool) -> list:
+    """The CRs at which the better scope for ``metric`` changes, as (cr, now-better scope)."""
+    leaders = _leaders(rows, metric, higher_is_better)
+    return [(cr, now) for (_, before), (cr, now) in zip(leaders, leaders[1:]) if now != before]
 
 
 def sweep_table(rows: list) -> str:
@@ -182,9 +185,14 @@ def crossing_summary(rows: list) -> list:
     for key, title, higher in METRICS:
         if not any(key in r for r in rows):
             continue
-        changes = crossings(rows, key, higher)
-        where = ", ".join(f"{SCOPE_NAMES[s]} ahead from CR {cr:g}" for cr, s in changes)
-        lines.append(f"- {title}: " + (where if changes else "the scopes never swap places"))
+        leaders, changes = _leaders(rows, key, higher), crossings(rows, key, higher)
+        if changes:
+            where = ", ".join(f"{SCOPE_NAMES[s]} ahead from CR {cr:g}" for cr, s in changes)
+        elif leaders:
+            where = f"{SCOPE_NAMES[leaders[0][1]]} ahead wherever the scopes differ"
+        else:
+            where = "no CR at which the two scopes differ"
+        lines.append(f"- {title}: {where}")
     return lines
 
 

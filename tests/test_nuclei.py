@@ -117,6 +117,10 @@ def test_crossings_and_table():
     table = sweep.sweep_table(rows)
     assert "| 16 | 93.75% | 0.8000 | 0.8500 | 0.0500 | 0.0300 | 10.0 | 0.6, 0.6 |" in table
     assert sweep.crossing_summary(rows)[0] == "- semantic Dice: network-wide ahead from CR 16"
+    ahead = [dict(r, dice=r["dice"] + (0.2 if r["scope"] == "layer" else 0)) for r in rows]
+    assert sweep.crossing_summary(ahead)[0] == "- semantic Dice: layer-wise ahead wherever the scopes differ"
+    assert sweep.crossing_summary([r for r in rows if r["scope"] == "layer"])[0] == \
+        "- semantic Dice: no CR at which the two scopes differ"
 
 
 def test_sweep_prunes_fine_tunes_restores_and_resumes(tmp_path):
