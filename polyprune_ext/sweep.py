@@ -180,7 +180,8 @@ def sweep_table(rows: list) -> str:
 
 
 def crossing_summary(rows: list) -> list:
-    """One line per metric: which scope leads at the smallest and largest CR, where they swap."""
+    """One line per metric: the CRs at which the better scope changes, or the scope that leads
+    wherever the two differ."""
     lines = []
     for key, title, higher in METRICS:
         if not any(key in r for r in rows):
