@@ -83,7 +83,8 @@ def ours(path, args, out, name, reduction):
 
 def torch_pruning(path, args, out, importance, milestones):
     """Torch-Pruning's MetaPruner, global pruning in small steps until each milestone (the GFLOPs
-    of our normalized run after each step), fine-tuned like ours after each."""
+    of our normalized run after each step), fine-tuned like ours after each; at most
+    --tp-max-ratio of any layer goes, as with our policy's max_ratio."""
     import torch_pruning as tp
 
     seed_everything(0)
@@ -92,6 +93,7 @@ def torch_pruning(path, args, out, importance, milestones):
     imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True,
                                   pruning_ratio=0.95, iterative_steps=200,
+                                  max_pruning_ratio=args.tp_max_ratio,
                                   ignored_layers=[model.segmentation_head])
     stats = model_stats(model, example)
     rows = [{"step": 0, "params": stats.params, "gflops": stats.gflops, **t.evaluate(), **measure(args)(model)}]
@@ -130,6 +132,9 @@ def main():
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA)[1:], choices=list(CRITERIA)[1:],
                         help="compared with normalized TaylorFO at -50%% FLOPs")
     parser.add_argument("--torch-pruning", action="store_true")
+    parser.add_argument("--tp-max-ratio", type=float, default=0.9,
+                        help="Torch-Pruning's max_pruning_ratio per layer (its own default is 1.0; "
+                        "0.9 is our policy's max_ratio)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/bench_polyp")
     parser.add_argument("--no-append", action="store_true")
