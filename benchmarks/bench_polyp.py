@@ -3,18 +3,24 @@
 Kvasir-SEG (../shared/data/kvasir-seg), a fixed split (--val-count 120 of 1000, seed 0). The
 unpruned model is trained from scratch once (its checkpoint is reused when the directory holds
 one). Every pruned model starts from that checkpoint with a fresh AdamW and the same budget:
---steps steps, each removing the same share of FLOPs, --finetune-epochs after each. Rows:
+--steps steps, each removing the same share of FLOPs, --finetune-epochs after each; the
+score-based criteria rank channels with the same --weighting. Rows:
+  - the control: the unpruned model fine-tuned on the same schedule, nothing removed (what the
+    extra epochs alone change);
   - normalized TaylorFO at every --reductions (-25%, -50%, -75% FLOPs by default);
   - at -50%: loss TaylorFO, random-gradient TaylorFO, L1 magnitude, random;
   - at -50%, with --torch-pruning: Torch-Pruning's Taylor and L1 magnitude importance on the same
     model, pruned to the same FLOPs after each step as our normalized run, with the same
     fine-tuning (benchmark-only install: pip install ../shared/wheels/torch_pruning-*.whl).
-Latency: batch 1 at --size, fp32, on --device (median of 20 after warm-up). Prints a table and
-appends it to benchmarks/RESULTS.md.
+Latency: batch 1 at --size, fp32, on --device, measured at the end for every final model in
+turn, --latency-rounds times round-robin after one untimed round (each a median of 10 after
+warm-up), so that all models see the same machine; the median over rounds is reported. Prints a table and appends it to
+benchmarks/RESULTS.md.
 """
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -42,11 +48,20 @@ def trainer(model, args, out_dir, plan=None):
                    progress=False)
 
 
-def measure(args):
-    def columns(model):
-        row = speed.latency(model, batch=1, size=args.size, device=args.device, warmup=5, repeats=20)
-        return {"ms": row["ms"]}
-    return columns
+def latencies(models, args):
+    """Batch-1 milliseconds of each model, measured round-robin (see the module docstring)."""
+    times = {key: [] for key in models}
+    for round in range(args.latency_rounds + 1):  # the first round warms the machine up, untimed
+        for key, model in models.items():
+            row = speed.latency(model, batch=1, size=args.size, device=args.device, warmup=3, repeats=10)
+            if round:
+                times[key].append(row["ms"])
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def row_of(t, step, example):
+    stats = model_stats(t.model, example)
+    return {"step": step, "params": stats.params, "gflops": stats.gflops, **t.evaluate()}
 
 
 def unpruned(args, out):
@@ -63,9 +78,25 @@ def unpruned(args, out):
     return directory / "model.safetensors"
 
 
+def control(path, args, out):
+    """The unpruned model fine-tuned like the pruned ones (--steps phases of --finetune-epochs,
+    each with a fresh cosine schedule); resumes from out/control. (rows, model)."""
+    directory = out / "control"
+    seed_everything(0)
+    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path))
+    example = torch.zeros(t.plan.input_shape, device=t.device)
+    first = row_of(t, 0, example)
+    if (directory / "train_state.pt").exists():
+        t.resume()
+    for step in range(1, args.steps + 1):
+        done = sum(r["phase"] == f"control step {step}" for r in t.history)
+        t.fit(max(0, args.finetune_epochs - done), phase=f"control step {step}")
+    return [first, row_of(t, args.steps, example)], t.model
+
+
 def ours(path, args, out, name, reduction):
     """One pruning run in out/NAME-REDUCTION; a run interrupted (or finished) before resumes from
-    its rows.json and checkpoint, so a crash costs at most the step in progress."""
+    its rows.json and checkpoint, so a crash costs at most the step in progress. (rows, model)."""
     directory = out / f"{name}-{reduction}"
     log = directory / "rows.json"  # written by report.write_rows, whole or not at all
     seed_everything(0)
@@ -76,9 +107,12 @@ def ours(path, args, out, name, reduction):
         rows = json.loads(log.read_text())
     criterion, grad = CRITERIA[name]
     config = PruneConfig(reduction=reduction, steps=args.steps, criterion=criterion, grad=grad,
-                         score_batches=args.score_batches, finetune_epochs=args.finetune_epochs)
-    return iterative_prune(t, config, measure=measure(args), rows=rows,
+                         score_batches=args.score_batches, finetune_epochs=args.finetune_epochs,
+                         normalize_layers=args.weighting in ("layers", "both"),
+                         flops_weighted=args.weighting in ("flops", "both"))
+    rows = iterative_prune(t, config, rows=rows,
                            on_step=lambda rows: report.write_rows(rows, directory, "rows"))
+    return rows, t.model
 
 
 def torch_pruning(path, args, out, importance, milestones):
@@ -95,8 +129,7 @@ def torch_pruning(path, args, out, importance, milestones):
                                   pruning_ratio=0.95, iterative_steps=200,
                                   max_pruning_ratio=args.tp_max_ratio,
                                   ignored_layers=[model.segmentation_head])
-    stats = model_stats(model, example)
-    rows = [{"step": 0, "params": stats.params, "gflops": stats.gflops, **t.evaluate(), **measure(args)(model)}]
+    rows = [row_of(t, 0, example)]
     for step, goal in enumerate(milestones, 1):
         while model_stats(model, example).gflops > goal:
             if importance == "taylor":  # gradients of the loss over the scoring batches
@@ -108,10 +141,8 @@ def torch_pruning(path, args, out, importance, milestones):
             pruner.step()
         t.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
         t.fit(args.finetune_epochs, phase=f"tp step {step}")
-        stats = model_stats(model, example)
-        rows.append({"step": step, "params": stats.params, "gflops": stats.gflops, **t.evaluate(),
-                     **measure(args)(model)})
-    return rows
+        rows.append(row_of(t, step, example))
+    return rows, model
 
 
 def main():
@@ -131,6 +162,11 @@ def main():
     parser.add_argument("--reductions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA)[1:], choices=list(CRITERIA)[1:],
                         help="compared with normalized TaylorFO at -50%% FLOPs")
+    parser.add_argument("--weighting", choices=("none", "flops", "layers", "both"), default="flops",
+                        help="how the score-based criteria rank channels globally: raw scores, per "
+                        "FLOP one channel costs (the default: the target is FLOPs), each layer's "
+                        "scores over their L2 norm, or both")
+    parser.add_argument("--latency-rounds", type=int, default=5)
     parser.add_argument("--torch-pruning", action="store_true")
     parser.add_argument("--tp-max-ratio", type=float, default=0.9,
                         help="Torch-Pruning's max_pruning_ratio per layer (its own default is 1.0; "
@@ -144,29 +180,39 @@ def main():
     out = Path(args.out)
     start = time.time()
     path = unpruned(args, out)
-    results = {}
+    results, models = {}, {}
+
+    def record(key, run):
+        results[key], models[key] = run
+        print(json.dumps({key[0]: key[1], **results[key][-1]}), flush=True)
+
+    record(("control (unpruned, same fine-tuning)", 0.0), control(path, args, out))
     for reduction in args.reductions:
-        results[("normalized", reduction)] = ours(path, args, out, "normalized", reduction)
-        print(json.dumps({"normalized": reduction, **results[("normalized", reduction)][-1]}), flush=True)
+        record(("normalized", reduction), ours(path, args, out, "normalized", reduction))
     for name in args.criteria:
-        results[(name, 0.5)] = ours(path, args, out, name, 0.5)
-        print(json.dumps({name: 0.5, **results[(name, 0.5)][-1]}), flush=True)
+        record((name, 0.5), ours(path, args, out, name, 0.5))
     if args.torch_pruning and ("normalized", 0.5) in results:
         milestones = [r["gflops"] for r in results[("normalized", 0.5)][1:]]
         for importance in ("taylor", "magnitude"):
-            results[(f"Torch-Pruning {importance}", 0.5)] = torch_pruning(path, args, out, importance, milestones)
-    base = next(iter(results.values()))[0]
+            record((f"Torch-Pruning {importance}", 0.5), torch_pruning(path, args, out, importance, milestones))
+    base = dict(next(iter(results.values()))[0])
+    models[("unpruned", 0.0)] = checkpoint.load(path).to(args.device)
+    ms = latencies(models, args)
+    base["ms"] = ms[("unpruned", 0.0)]
+    for key, rows in results.items():
+        rows[-1]["ms"] = ms[key]
     report = heading(args.device) + [
         f"### Polyp segmentation, {args.data}, {args.arch}-{args.encoder} at {args.size}x{args.size}, "
         f"{args.epochs} epochs from scratch; {args.steps} pruning steps, each removing the same share of FLOPs, "
-        f"{args.finetune_epochs} fine-tuning epochs after each; {time.time() - start:.0f} s in all", "",
+        f"{args.finetune_epochs} fine-tuning epochs after each; weighting {args.weighting}; "
+        f"{time.time() - start:.0f} s in all", "",
         "| criterion | FLOPs target | steps | params (M) | GFLOPs | Dice | IoU | Dice change | latency ms (batch 1) | speed-up |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| unpruned | - | - | {base['params'] / 1e6:.2f} | {base['gflops']:.2f} | {base['dice']:.4f} | {base['iou']:.4f} | - | "
         f"{base['ms']:.1f} | 1.00x |"]
     for (name, reduction), rows in results.items():
         r = rows[-1]
-        report.append(f"| {name} | -{reduction:.0%} | {r['step']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['dice']:.4f} | "
+        report.append(f"| {name} | {f'-{reduction:.0%}' if reduction else '-'} | {r['step']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['dice']:.4f} | "
                       f"{r['iou']:.4f} | {r['dice'] - base['dice']:+.4f} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
     print("\n".join(report))
     if not args.no_append:

@@ -8,8 +8,10 @@ the same output as the pruned model (relative error <= 1e-6). A model that prune
 output, or changes the output shape, is "wrong"; exceptions and runs past --timeout are reported.
 
 Each trial runs in its own process (Torch-Pruning has hung on some models). Time is analysis plus
-pruning, without the model's construction or the check. Also: the time of our analysis plus a 50%
-prune of Unet with resnet34, resnet50 and efficientnet-b0 at 352x352.
+pruning, after one untimed forward pass (torch's own first float64 forward of some models takes
+tens of seconds), without the model's construction or the check. For our trials, the share of
+the encoder's conv output channels that are in prunable groups. Also: the time of our analysis
+plus a 50% prune of Unet with resnet34, resnet50 and efficientnet-b0 at 352x352.
 
 Torch-Pruning is a benchmark-only dependency: pip install ../shared/wheels/torch_pruning-*.whl.
 Prints markdown tables and appends them to benchmarks/RESULTS.md (--no-append skips that).
@@ -60,8 +62,17 @@ def half(size, gen):
     return torch.randperm(size, generator=gen)[: size // 2].sort().values.tolist()
 
 
+def encoder_share(model, analysis):
+    """The share of the encoder's conv output channels (a conv's are the groups holding its
+    weight's dim 0) that are in prunable groups."""
+    outputs = [(g.size, g.prunable) for g in analysis.groups for s in g.slots
+               if s.dim == 0 and s.name.startswith("encoder.") and s.name.endswith(".weight") and
+               isinstance(model.get_submodule(s.name.rsplit(".", 1)[0]), torch.nn.Conv2d)]
+    return sum(n for n, ok in outputs if ok) / sum(n for n, _ in outputs)
+
+
 def ours(model, x, gen):
-    """(zeroed reference, seconds) after pruning model in place with polyprune_ext."""
+    """(zeroed reference, seconds, encoder share) after pruning model in place with polyprune_ext."""
     from polyprune_ext.dependency import analyze
     from polyprune_ext.surgery import prune_, zero_channels
 
@@ -73,7 +84,7 @@ def ours(model, x, gen):
     prune_(model, analysis, keep)
     seconds = time.perf_counter() - start
     zero_channels(reference, analysis, drop)
-    return reference, seconds
+    return reference, seconds, encoder_share(model, analysis)
 
 
 def torch_pruning(model, x, gen):
@@ -100,7 +111,7 @@ def torch_pruning(model, x, gen):
     seconds = time.perf_counter() - start
     for name, channels in zeroed:
         reference.get_submodule(name).register_forward_hook(zero_hook(channels))
-    return reference, seconds
+    return reference, seconds, None
 
 
 def trial(library, arch, encoder):
@@ -113,7 +124,9 @@ def trial(library, arch, encoder):
     params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     try:
-        reference, seconds = (ours if library == "ours" else torch_pruning)(model, x, gen)
+        with torch.no_grad():
+            model(x)  # warm-up, untimed
+        reference, seconds, share = (ours if library == "ours" else torch_pruning)(model, x, gen)
         with torch.no_grad():
             expected, got = reference(x), model(x)
     except Exception as error:  # reported, not hidden: the table says what broke
@@ -123,7 +136,7 @@ def trial(library, arch, encoder):
         return {"status": "wrong (output shape)", "seconds": seconds}
     error = ((got - expected).abs().max() / expected.abs().max()).item()
     return {"status": "right" if error <= 1e-6 else "wrong (output)", "error": error,
-            "seconds": seconds, "params": [params, after]}
+            "seconds": seconds, "params": [params, after], "share": share}
 
 
 def run_trial(library, arch, encoder, timeout):
@@ -152,12 +165,7 @@ def unet_timings():
         prune_(model, analysis, {i: list(range(g.size // 2 or 1)) for i, g in enumerate(analysis.groups)
                                  if g.prunable})
         seconds = time.perf_counter() - start
-        # A conv's output channels are the group holding its weight's dim 0.
-        outputs = [(g.size, g.prunable) for g in analysis.groups for s in g.slots
-                   if s.dim == 0 and s.name.startswith("encoder.") and
-                   isinstance(model.get_submodule(s.name.rsplit(".", 1)[0]), torch.nn.Conv2d) and
-                   s.name.endswith(".weight")]
-        share = sum(n for n, ok in outputs if ok) / sum(n for n, _ in outputs)
+        share = encoder_share(model, analysis)
         rows.append(f"| Unet-{encoder} | {seconds:.2f} | {share:.0%} |")
     return rows
 
@@ -176,25 +184,34 @@ def main():
     from bench_ops import append_results, heading
 
     report = heading("cpu") + [f"### Structural pruning, 50% of every group at random, {SIZE}x{SIZE}, float64", "",
-                               "| model | ours | ours s | Torch-Pruning 1.6.1 | Torch-Pruning s |", "|---|---|---|---|---|"]
+                               "| model | ours | ours s | encoder channels prunable (ours) | Torch-Pruning 1.6.1 | Torch-Pruning s |",
+                               "|---|---|---|---|---|---|"]
     print("\n".join(report), flush=True)
     right = {"ours": 0, "tp": 0}
-    built = 0
+    built, shares, slowest = 0, {}, (0.0, None)
     for arch, encoder in MODELS:
         results = {lib: run_trial(lib, arch, encoder, args.timeout) if lib in args.libraries
                    else {"status": "not run"} for lib in ("ours", "tp")}
         if results["ours"]["status"] == "not built by smp":
             continue
         built += 1
+        if results["ours"].get("share") is not None:
+            shares.setdefault(encoder, []).append(results["ours"]["share"])
+            slowest = max(slowest, (results["ours"]["seconds"], f"{arch}-{encoder}"))
         cells = []
         for lib, r in results.items():
             right[lib] += r["status"] == "right"
             detail = f" ({r['error']:.0e})" if "error" in r and r["status"] != "right" else ""
             cells += [r["status"] + detail, f"{r['seconds']:.2f}" if "seconds" in r else "-"]
+            if lib == "ours":
+                cells.append(f"{r['share']:.0%}" if r.get("share") is not None else "-")
         report.append(f"| {arch}-{encoder} | " + " | ".join(cells) + " |")
         print(report[-1], flush=True)
     tail = ["", f"Pruned right: ours {right['ours']}/{built}, Torch-Pruning {right['tp']}/{built} "
             f"(of {len(MODELS)} pairs, {built} built by smp).",
+            f"Slowest analysis + prune of ours: {slowest[0]:.2f} s ({slowest[1]}).",
+            "Encoder conv output channels in prunable groups (ours), lowest over the architectures: "
+            + ", ".join(f"{e} {min(v):.0%}" for e, v in shares.items()) + ".",
             ""] + unet_timings()
     report += tail
     print("\n".join(tail))

@@ -102,7 +102,8 @@ def cmd_prune(args):
                          else args.criterion,
                          grad={"taylor-random": "random"}.get(args.criterion, args.criterion),
                          score_batches=args.score_batches, finetune_epochs=args.finetune_epochs,
-                         round_to=args.round_to, seed=args.seed)
+                         round_to=args.round_to, normalize_layers=args.normalize_layers,
+                         flops_weighted=args.flops_weighted, seed=args.seed)
     rows = None
     if args.resume:
         if not (out / "pruning_log.json").exists() or not (out / "train_state.pt").exists():
@@ -259,6 +260,10 @@ def parser():
     p.add_argument("--score-batches", type=int, default=8, help="batches scored per step")
     p.add_argument("--finetune-epochs", type=int, default=3, help="epochs after each step")
     p.add_argument("--round-to", type=int, default=1, help="keep multiples of this many channels")
+    p.add_argument("--normalize-layers", action="store_true",
+                   help="divide each layer's scores by their L2 norm before the global ranking")
+    p.add_argument("--flops-weighted", action="store_true",
+                   help="rank channels by score per FLOP they cost (suits a FLOPs target)")
     p.add_argument("--sparsity", type=float, default=0.9, help="magnitude: fraction of weights zeroed")
     p.add_argument("--scope", choices=("global", "layer"), default="global",
                    help="magnitude: one network-wide threshold, or the same sparsity per layer")

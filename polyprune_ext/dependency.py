@@ -12,6 +12,9 @@ whose channels make up that dim, in order. Ops act on spaces:
 - a convolution or linear layer starts a new group for its output channels, and its input channels
   become consumer slots (weight dim 1, at each input group's offset) of the groups it reads;
 - a depthwise convolution keeps its input's space (its weight rows follow the input channels);
+  a grouped convolution removes the same local channel from every conv group, so that the groups
+  stay equal: its input space is split into blocks that are tied, and its output is one group
+  repeated once per conv group;
 - per-channel norms (batch norm, instance norm, group norm with one channel per group) and
   per-channel parameters (a layer scale, a bias) add their tensors to the groups they read;
 - element-wise ops, pooling, resizing, padding and reductions over other dims pass the space
@@ -184,7 +187,7 @@ class _Tracer(TorchDispatchMode):
         # id(tensor) -> {group id: proposals whose gates, zeroed, zero the group's channels in
         # the tensor}. A group missing from the dict has no such guarantee there.
         self.origin = {}
-        self.flops_per_weight = {}  # conv weight name -> FLOPs per weight element, this input
+        self.flops_per_weight = {}  # conv/linear weight name -> FLOPs per weight element
         self.alive = []  # keeps traced tensors alive so their ids stay unique
         self.stack = []  # names of the modules being run, outermost first
         self.returned = {}  # id(module output) -> the proposals that became its gates
@@ -206,9 +209,9 @@ class _Tracer(TorchDispatchMode):
         return {self.groups.find(g): p for g, p in self.origin.get(id(t), {}).items()}
 
     def propose(self, out, space):
-        """The op making ``out`` set the values of its channels: a new gate is proposed there."""
-        proposal = _Proposal()
-        self.set_space(out, space, {g: frozenset([(proposal, False)]) for g in space.groups})
+        """The op making ``out`` set the values of its channels: a new gate is proposed there,
+        one per group (each group keeps, or drops, its own)."""
+        self.set_space(out, space, {g: frozenset([(_Proposal(), False)]) for g in space.groups})
 
     def read(self, t, per_channel=False):
         """An op reads t's channels. A per-channel op (a norm) sets new values and proposes its
@@ -245,8 +248,9 @@ class _Tracer(TorchDispatchMode):
             for proposal, is_gated in proposals:
                 if proposal.module is None:
                     proposal.module = name
-                    self.groups.get(g).proposed.append((gate, proposal))
                     self.returned.setdefault(id(out), []).append(proposal)
+                if proposal.module == name:  # a group repeated in the space gets a gate per block
+                    self.groups.get(g).proposed.append((gate, proposal))
                 gated.add((proposal, is_gated or proposal.module == name))
             origin[root] = frozenset(gated)
             offset += size
@@ -371,8 +375,62 @@ class _Tracer(TorchDispatchMode):
             if bias_name:
                 self.add_slots(space, bias_name, 0)
             self.propose(out, space)
+        elif not transposed and in_channels > groups and self.split_into_blocks(space, groups):
+            self.grouped_convolution(x, out, groups, name, bias_name)
         else:
-            self.unknown([x], out, f"{module}: grouped convolution ({groups} groups)")
+            self.unknown([x], out, f"{module}: grouped convolution ({groups} groups) whose input "
+                                   "channels do not split into whole groups' blocks")
+
+    def grouped_convolution(self, x, out, groups, name, bias_name):
+        """Conv group j reads input channels [j * wi, (j + 1) * wi) and writes output channels
+        [j * wo, (j + 1) * wo); every conv group must keep as many channels as the others. So the
+        same local channel goes from every conv group: the input space, already split into
+        ``groups`` blocks of wi, is tied block to block, and the output is one group of wo
+        channels repeated ``groups`` times (ResNeXt, RegNet)."""
+        space = self.channels(x)
+        self.read(x)
+        for block in space.groups[1:]:
+            self.groups.tie(space.groups[0], block, "grouped convolution")
+        self.groups.get(space.groups[0]).slots.append(Slot(name, 1, 0))  # weight dim 1 is local
+        width = out.shape[1] // groups
+        group = self.groups.new(width)
+        for j in range(groups):
+            self.groups.get(group).slots.append(Slot(name, 0, j * width))
+            if bias_name:
+                self.groups.get(group).slots.append(Slot(bias_name, 0, j * width))
+        self.propose(out, Space(1, [group] * groups))
+
+    def split_into_blocks(self, space, blocks) -> bool:
+        """Make ``space`` a list of ``blocks`` groups of equal size, each group of it that spans
+        several blocks becoming one smaller group repeated (see _Groups.repeat); False, changing
+        nothing, when a group boundary falls inside a block."""
+        sizes = self.groups.sizes(space.groups)
+        width = sum(sizes) // blocks
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        if any(size % width or offset % width for size, offset in zip(sizes, offsets)):
+            return False
+        for g in dict.fromkeys(self.groups.find(g) for g in space.groups):
+            if self.groups.get(g).size > width:
+                self.repeat(g, self.groups.get(g).size // width)
+        return True
+
+    def repeat(self, g, times):
+        """Group g becomes a group of size / times channels, found ``times`` times in a row wherever
+        g was: channel k now stands for channels k, k + size / times, ... of what g was. Its slots
+        and proposed gates are repeated at each block's offset, and every space lists it ``times``
+        times."""
+        group = self.groups.get(g)
+        width = group.size // times
+        group.size = width
+        group.slots = [dataclasses.replace(s, offset=s.offset + j * width)
+                       for s in group.slots for j in range(times)]
+        group.proposed = [(dataclasses.replace(gate, offset=gate.offset + j * width), p)
+                          for gate, p in group.proposed for j in range(times)]
+        root = self.groups.find(g)
+        for key, space in self.space.items():
+            if any(self.groups.find(h) == root for h in space.groups):
+                self.space[key] = Space(space.dim, [h for h in space.groups for _ in
+                                                    range(times if self.groups.find(h) == root else 1)])
 
     def linear(self, x, weight, bias, out):
         space, name, bias_name = self.channels(x), self.name_of(weight), self.name_of(bias)
@@ -383,6 +441,8 @@ class _Tracer(TorchDispatchMode):
             return self.unknown([x], out, f"linear reads the last dim, the channels are in dim {space.dim}")
         self.read(x)
         self.add_slots(space, name, 1)
+        positions = out.numel() // out.shape[-1]  # 2 FLOPs per weight element at each position
+        self.flops_per_weight[name] = self.flops_per_weight.get(name, 0) + 2 * positions
         group = self.groups.new(out.shape[-1])
         self.groups.get(group).slots.append(Slot(name, 0, 0))
         if bias_name:
@@ -612,7 +672,7 @@ class _Functions(TorchFunctionMode):
 class Analysis:
     groups: list  # ChannelGroup, prunable and frozen
     shapes: dict  # parameter name -> shape
-    flops_per_weight: dict  # conv weight name -> FLOPs per weight element on the example input
+    flops_per_weight: dict  # conv/linear weight name -> FLOPs per weight element, example input
 
     @property
     def prunable(self):

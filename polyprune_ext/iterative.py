@@ -30,6 +30,8 @@ class PruneConfig:
     criterion: str = "taylor"  # or a data-free baseline: l1, l2, bn_scale, random
     grad: str = "normalized"  # TaylorFO gradient: normalized, loss or random
     reduce: str = "abs_sum"
+    normalize_layers: bool = False  # each group's scores over their L2 norm (Molchanov et al. 2017)
+    flops_weighted: bool = False  # scores over the FLOPs one channel costs: importance per FLOP
     score_batches: int = 8
     finetune_epochs: int = 2
     scope: str = "global"
@@ -88,6 +90,7 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
         scores = score(model, trainer.train_loader, loss_fn=trainer.loss_fn, grad=config.grad,
                        reduce=config.reduce, num_batches=config.score_batches,
                        criterion=config.criterion, example_input=example, seed=config.seed + step,
+                       normalize_layers=config.normalize_layers, flops_weighted=config.flops_weighted,
                        progress=trainer.progress)
         analysis, full = scores.analysis, cost(scores.analysis)
         # policy's max_ratio bounds what all steps together take from a group

@@ -1,11 +1,12 @@
-"""Which channels to remove: a target (a fraction of channels, parameters or FLOPs), a scope
-(one global ranking, or the same ratio in every group) and per-group limits.
+"""Which channels to remove: a target (channels, parameters or FLOPs, as a fraction to remove or
+a budget to reach), a scope (one global ranking, or the same ratio in every group) and per-group
+limits.
 
 Costs are computed from the Analysis, not by pruning trial copies: every parameter's new size
-follows from how many channels each group keeps in each of its dims, and every convolution's FLOPs
-are its FLOPs per weight element (recorded on the example input) times its new weight size. Both
-are exact for the convolutions, norms and their parameters the analysis follows, including a
-weight whose input and output channels both shrink.
+follows from how many channels each group keeps in each of its dims, and every convolution's and
+linear layer's FLOPs are its FLOPs per weight element (recorded on the example input) times its
+new weight size. Both are exact for the layers, norms and their parameters the analysis follows,
+including a weight whose input and output channels both shrink.
 """
 
 import math
@@ -20,8 +21,8 @@ TARGETS = ("channels", "params", "flops")
 
 
 def cost(analysis: Analysis, kept: Optional[dict] = None) -> dict:
-    """Params, conv FLOPs and prunable channels of the model after keeping ``kept[i]`` channels of
-    group ``i`` (every channel of the groups not named)."""
+    """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
+    channels of group ``i`` (every channel of the groups not named)."""
     kept = kept or {}
     dim_sizes = {}  # (parameter, dim) -> its size after pruning
     for i, group in enumerate(analysis.groups):
@@ -37,11 +38,13 @@ def cost(analysis: Analysis, kept: Optional[dict] = None) -> dict:
     }
 
 
-def select_channels(analysis: Analysis, scores: dict, *, amount: float, target: str = "flops",
+def select_channels(analysis: Analysis, scores: dict, *, amount: Optional[float] = None,
+                    at_most: Optional[float] = None, target: str = "flops",
                     scope: str = "global", min_channels: int = 1, max_ratio: float = 0.9,
                     round_to: int = 1, original_sizes: Optional[Sequence[int]] = None) -> dict:
     """The channels to keep, ``{group index: sorted indices}``, removing at least ``amount``
-    (0 to 1) of the model's ``target`` ("channels" of prunable groups, "params" or conv "flops"),
+    (0 to 1) of the model's ``target`` ("channels" of prunable groups, "params" or conv and linear
+    "flops"), or as much as leaves at most ``at_most`` of it (a budget: 2e9 FLOPs, 1000 channels),
     lowest ``scores[i]`` (one score per channel of group ``i``) first.
 
     scope "global" ranks every channel of every scored group together (scores must be comparable
@@ -58,6 +61,13 @@ def select_channels(analysis: Analysis, scores: dict, *, amount: float, target: 
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     if scope not in ("global", "per_layer"):
         raise ValueError(f"scope must be 'global' or 'per_layer', got {scope!r}")
+    if (amount is None) == (at_most is None):
+        raise ValueError("give either amount (the fraction to remove) or at_most (a budget)")
+    if at_most is not None:
+        full = cost(analysis)[target]
+        if not 0 < at_most:
+            raise ValueError(f"at_most is the {target} to keep, above 0; got {at_most}")
+        amount = max(0.0, 1 - at_most / full)
     if not 0 <= amount < 1:
         raise ValueError(f"amount is the fraction to remove, in [0, 1); got {amount}")
     if original_sizes is not None and len(original_sizes) != len(analysis.groups):

@@ -26,7 +26,7 @@ import torch
 from .checkpoint import PruningPlan, save
 from .dependency import analyze
 from .policy import select_channels
-from .scoring import TaylorAccumulator, per_sample_scale
+from .scoring import TaylorAccumulator, weigh_scores, per_sample_scale
 from .surgery import prune_
 
 
@@ -34,17 +34,21 @@ class Pruner:
     def __init__(self, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
                  example_input: torch.Tensor, grad: str = "normalized", reduce: str = "abs_sum",
                  backend: str = "fused", scaler=None, nonfinite: Optional[str] = None,
+                 normalize_layers: bool = False, flops_weighted: bool = False,
                  ignore: Optional[tuple] = None):
         """``model`` (or a DistributedDataParallel wrapping it) and the ``optimizer`` whose state
         follows the pruned parameters. ``example_input``: one input batch (one image suffices)
         for the structure analysis. ``grad``: "normalized" or "loss" ("random" needs its own
         backward: use polyprune_ext.score). ``nonfinite``: "raise" on NaN/Inf, or "skip" such
         batches (the default when a GradScaler is given: its overflowing steps are skipped too).
+        ``normalize_layers`` and ``flops_weighted`` weigh the scores as in polyprune_ext.score,
+        when they are read (so after the all-reduce, and on the current analysis after a prune).
         """
         if grad not in ("normalized", "loss"):
             raise ValueError(f"grad must be 'normalized' or 'loss' inside training steps, got {grad!r}")
         self.module = getattr(model, "module", model)  # the model inside DDP
         self.optimizer, self.grad, self.scaler, self.ignore = optimizer, grad, scaler, ignore
+        self.normalize_layers, self.flops_weighted = normalize_layers, flops_weighted
         self.options = dict(reduce=reduce, backend=backend,
                             nonfinite=nonfinite or ("skip" if scaler is not None else "raise"))
         self.example_input = example_input[:1].detach()
@@ -84,8 +88,10 @@ class Pruner:
         self.accumulator.scale = scale
 
     def scores(self) -> dict:
-        """{group index: per-channel score} accumulated since the last prune."""
-        return self.accumulator.scores()
+        """{group index: per-channel score} accumulated since the last prune, weighted as
+        configured: what prune() ranks."""
+        return weigh_scores(self.accumulator.scores(), self.analysis, self.normalize_layers,
+                      self.flops_weighted)
 
     @property
     def stats(self) -> dict:
@@ -100,7 +106,8 @@ class Pruner:
         Resets the scores; returns the step (also recorded in ``self.plan``, which ``save``
         writes beside the weights)."""
         if self.accumulator.batches == 0:
-            raise RuntimeError("no batch has been scored: run training steps inside "
+            raise RuntimeError(f"no batch has been scored ({self.accumulator.skipped_batches} "
+                               "skipped for NaN or Inf): run training steps inside "
                                "`with pruner.scoring():` first")
         original = self.plan.original_group_sizes(self.analysis)
         keep = select_channels(self.analysis, self.scores(), amount=amount, target=target,

@@ -190,6 +190,10 @@ def _split_batch(batch, needs_target: bool):
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
         return batch[0], batch[1]
     if isinstance(batch, dict) and "image" in batch:
+        if needs_target and batch.get("mask") is None:
+            raise TypeError("the loader yielded a dict with 'image' but no 'mask', and this "
+                            "gradient mode needs a loss: yield dicts with 'image' and 'mask', "
+                            "(images, targets) pairs, or use grad='random'")
         return batch["image"], batch.get("mask")
     raise TypeError(f"the loader yielded {type(batch).__name__}; expected (images, targets) pairs "
                     "(tuples or lists), a dict with 'image' and 'mask', or image tensors with "
@@ -210,7 +214,9 @@ def score(model: torch.nn.Module, loader: Optional[Iterable], *, loss_fn=None,
     "l1" and "l2" (norm of every weight of the group's channels, over all its slots), "bn_scale"
     (|gamma| of its norms; groups with no norm get +inf, never chosen) and "random".
     ``normalize_layers`` divides each group's scores by their L2 norm (Molchanov et al. 2017);
-    ``flops_weighted`` divides by the forward FLOPs one channel of the group costs.
+    ``flops_weighted`` divides by the forward FLOPs one channel of the group costs (after the
+    normalisation, when both are set). A "taylor" run that scores no batch (an empty loader,
+    or every batch skipped for NaN or Inf) raises rather than return all-zero scores.
     The analysis is made from the first batch's first image (or ``example_input``) unless given.
     The model is left as it was: same mode, no .grad written, no statistics updated.
     """
@@ -230,19 +236,21 @@ def score(model: torch.nn.Module, loader: Optional[Iterable], *, loss_fn=None,
         analysis = analyze(model, example_input.to(device))
     if criterion != "taylor":
         values = magnitude_scores(model, analysis, criterion, seed=seed)
-        return Scores(_weigh(values, analysis, normalize_layers, flops_weighted), analysis)
+        return Scores(weigh_scores(values, analysis, normalize_layers, flops_weighted), analysis)
     acc = TaylorAccumulator(model, analysis, reduce=reduce, backend=backend, nonfinite=nonfinite)
     generator = torch.Generator(device=device).manual_seed(seed)
     batches = itertools.islice(itertools.chain(first, batches), num_batches)
     total = num_batches if num_batches is not None else getattr(loader, "__len__", lambda: None)()
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
+    read = 0
     try:
         model.eval()
         for p in model.parameters():  # activations still need gradients; weights do not
             p.requires_grad_(False)
         with acc.attached():
             for batch in progress_bar(batches, total, progress, "scoring"):
+                read += 1
                 x, target = _split_batch(batch, grad != "random")
                 x = x.to(device).requires_grad_(True)
                 y = model(x)
@@ -261,7 +269,11 @@ def score(model: torch.nn.Module, loader: Optional[Iterable], *, loss_fn=None,
         for p, flag in flags.items():
             p.requires_grad_(flag)
         model.train(was_training)
-    values = _weigh(acc.scores(), analysis, normalize_layers, flops_weighted)
+    if acc.batches == 0:  # all-zero scores would make the pruning choose channels arbitrarily
+        raise RuntimeError(f"no batch was scored ({read} read, {acc.skipped_batches} skipped for "
+                           "NaN or Inf under nonfinite='skip'): pass a loader that yields finite "
+                           "batches")
+    values = weigh_scores(acc.scores(), analysis, normalize_layers, flops_weighted)
     return Scores(values, analysis, acc.batches, acc.skipped_batches, acc.skipped_samples)
 
 
@@ -294,14 +306,17 @@ def magnitude_scores(model: torch.nn.Module, analysis: Analysis, criterion: str,
     return values
 
 
-def _weigh(values: dict, analysis: Analysis, normalize_layers: bool, flops_weighted: bool) -> dict:
+def weigh_scores(values: dict, analysis: Analysis, normalize_layers: bool, flops_weighted: bool) -> dict:
+    """``values`` (in place) divided by each group's L2 norm, then by one channel's FLOPs; shared
+    by score() and Pruner.scores(). Normalisation comes first: the FLOPs divisor is one number
+    per group, which normalising afterwards would cancel."""
+    if normalize_layers:
+        for i, v in values.items():
+            norm = v[torch.isfinite(v)].norm()
+            values[i] = v / norm if norm > 0 else v
     if flops_weighted:
         full = cost(analysis)["flops"]
         for i in values:
             per_channel = full - cost(analysis, {i: analysis.groups[i].size - 1})["flops"]
             values[i] = values[i] / max(per_channel, 1)
-    if normalize_layers:
-        for i, v in values.items():
-            norm = v[torch.isfinite(v)].norm()
-            values[i] = v / norm if norm > 0 else v
     return values

@@ -195,9 +195,52 @@ def test_optimizer_state_follows_the_parameters():
         assert torch.equal(opt.state[p]["exp_avg"], p.detach())
         assert torch.equal(opt.state[p]["exp_avg_sq"], p.detach().square())
         assert p.grad.shape == p.shape
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), target).backward()
-    opt.step()  # the same optimizer object trains the pruned model
+    # The same optimizer trains on: its step equals that of a fresh AdamW on a copy of the pruned
+    # model, given the compacted state built anew from the pruned parameters (the marker).
+    fresh_model = copy.deepcopy(model)
+    fresh = torch.optim.AdamW(fresh_model.parameters(), lr=0.01)
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        fresh.state[q] = {"step": opt.state[p]["step"].clone(), "exp_avg": q.detach().clone(),
+                          "exp_avg_sq": q.detach().square()}
+    for m, o in ((model, opt), (fresh_model, fresh)):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(x), target).backward()
+        o.step()
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q)
+
+
+class Grouped(torch.nn.Module):
+    """ResNeXt-style grouped convs: one reading a concatenation of two groups that spans its conv
+    groups whole, one whose conv groups would cut a group (frozen)."""
+
+    def __init__(self):
+        super().__init__()
+        bn = torch.nn.BatchNorm2d
+        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(3, 4, 1)
+        self.grouped, self.grouped_bn = torch.nn.Conv2d(12, 6, 3, padding=1, groups=3), bn(6)
+        self.expand, self.expand_bn = torch.nn.Conv2d(6, 10, 1), bn(10)
+        self.c, self.d = torch.nn.Conv2d(3, 5, 1), torch.nn.Conv2d(3, 7, 1)
+        self.cut = torch.nn.Conv2d(12, 4, 1, groups=2)  # 6 channels per conv group: c's 5 cut
+        self.head = torch.nn.Conv2d(14, 2, 1)
+
+    def forward(self, x):
+        ab = torch.relu(torch.cat([self.a(x), self.b(x)], 1))  # conv groups: a, a, b
+        y = torch.relu(self.grouped_bn(self.grouped(ab)))
+        y = torch.relu(self.expand_bn(self.expand(y)))
+        cd = torch.relu(torch.cat([self.c(x), self.d(x)], 1))
+        return self.head(torch.cat([y, self.cut(cd)], 1))
+
+
+def test_grouped_convolutions_prune_the_same_local_channel_from_every_conv_group():
+    model = Grouped()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-6
+    assert model.grouped.groups == 3 and model.grouped.weight.shape == (3, 2, 3, 3)
+    assert (model.grouped.in_channels, model.grouped.out_channels) == (6, 3)
+    assert "grouped convolution (2 groups)" in analysis.report()
+    assert model.a.out_channels == 4 and model.b.out_channels == 2  # tied block to block
+    assert model.c.out_channels == 5 and model.d.out_channels == 7
 
 
 class Tokens(torch.nn.Module):

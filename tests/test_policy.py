@@ -10,7 +10,7 @@ from polyprune_ext.dependency import analyze
 from polyprune_ext.model_stats import model_stats
 from polyprune_ext.policy import cost, select_channels
 from polyprune_ext.surgery import prune_
-from test_dependency import Toy
+from test_dependency import Grouped, Tokens, Toy
 
 
 def random_scores(analysis, seed=0):
@@ -20,6 +20,8 @@ def random_scores(analysis, seed=0):
 
 def models():
     yield "toy", Toy().eval(), torch.randn(2, 3, 16, 16)
+    yield "tokens (linear layers)", Tokens().eval(), torch.randn(2, 3, 8, 8)
+    yield "grouped convs", Grouped().eval(), torch.randn(2, 3, 8, 8)
     smp = pytest.importorskip("segmentation_models_pytorch")
     yield "unet-resnet18", smp.Unet("resnet18", encoder_weights=None).eval(), torch.randn(1, 3, 64, 64)
 
@@ -39,6 +41,17 @@ def test_target_met_and_cost_exact(target, scope):
         after = model_stats(model, x)
         assert (predicted["params"], predicted["flops"]) == (after.params, after.flops), name
         assert predicted[target] <= 0.5 * full[target], name
+
+
+@pytest.mark.parametrize("target", ["flops", "params", "channels"])
+def test_budget_is_met(target):
+    model, x = Toy().eval(), torch.randn(2, 3, 16, 16)
+    analysis = analyze(model, x)
+    budget = 0.6 * cost(analysis)[target]
+    keep = select_channels(analysis, random_scores(analysis), at_most=budget, target=target)
+    assert cost(analysis, {i: len(k) for i, k in keep.items()})[target] <= budget
+    same = select_channels(analysis, random_scores(analysis), amount=0.4, target=target)
+    assert {i: k.tolist() for i, k in keep.items()} == {i: k.tolist() for i, k in same.items()}
 
 
 def test_global_ranking_takes_the_lowest_scores_first():
@@ -89,6 +102,8 @@ def test_bad_input():
         (dict(scores=scores, target="latency"), "target must be one of"),
         (dict(scores=scores, scope="module"), "scope must be"),
         (dict(scores=scores, amount=1.0), "fraction to remove"),
+        (dict(scores=scores, amount=0.5, at_most=10), "either amount"),
+        (dict(scores=scores, amount=None, at_most=0), "at_most is the flops to keep"),
     ]
     for kwargs, message in cases:
         kwargs.setdefault("amount", 0.5)

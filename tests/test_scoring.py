@@ -12,6 +12,7 @@ import torch
 
 import polyprune_ext
 from polyprune_ext.dependency import analyze
+from polyprune_ext.policy import cost, select_channels
 from polyprune_ext.scoring import magnitude_scores, score, unit_output_gradient
 from test_dependency import Toy, randomize_norms
 
@@ -84,15 +85,21 @@ def test_scores_are_the_first_order_change_of_the_output(backend, grad, reduce):
     assert any(len(g.gates) > 1 for g in got.analysis.prunable)  # groups summed over gates
 
 
-def test_fused_and_torch_paths_agree_on_smp():
+@pytest.mark.parametrize("arch, encoder", [("Unet", "resnet18"), ("FPN", "mobilenet_v2")])
+def test_fused_and_torch_paths_agree_on_smp(arch, encoder):
+    """Two structures: skip concatenations over a ResNet; FPN additions over inverted residuals
+    with depthwise convs."""
     smp = pytest.importorskip("segmentation_models_pytorch")
-    model = smp.Unet("resnet18", encoder_weights=None).eval()
+    torch.manual_seed(0)
+    model = getattr(smp, arch)(encoder, encoder_weights=None).eval()
     x, y = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
     loss = torch.nn.functional.binary_cross_entropy_with_logits
+    analysis = analyze(model, x[:1])  # once: every run below scores the same structure
     for grad in ("loss", "normalized", "random"):
         for reduce in ("abs_sum", "sum_abs", "sum_sq"):
             fused, eager = (score(model, [(x, y)], loss_fn=loss, grad=grad, reduce=reduce,
-                                  backend=b, progress=False).values for b in ("fused", "torch"))
+                                  analysis=analysis, backend=b, progress=False).values
+                            for b in ("fused", "torch"))
             assert_scores_equal(fused, eager, rtol=1e-4)
 
 
@@ -126,6 +133,17 @@ def test_sample_with_zero_output_gradient_is_skipped():
     without = score(model, [(x[1:], target[1:])], loss_fn=mse, progress=False)
     assert got.skipped_samples == 1
     assert_scores_equal(got.values, without.values)
+
+
+def test_sample_with_zero_output_gradient_is_skipped_inside_training():
+    model, (x, target) = toy(), data(3)
+    target[0] = model(x)[0].detach()  # sample 0 already exact: its gradient is zero
+    without = score(model, [(x[1:], target[1:])], loss_fn=mse, progress=False).values
+    pruner = polyprune_ext.Pruner(model, example_input=x)  # nonfinite="raise": 0/0 would raise
+    with pruner.scoring():
+        mse(model(x), target).backward()
+    assert pruner.stats == {"batches": 1, "skipped_batches": 0, "skipped_samples": 1}
+    assert_scores_equal(pruner.scores(), without)
 
 
 def test_in_training_scores_equal_a_scoring_pass_where_backward_is_separable():
@@ -169,6 +187,23 @@ def test_grad_scaler_is_undone_in_loss_mode():
     assert_scores_equal(pruner.scores(), plain, rtol=1e-4)
 
 
+def test_grad_scaler_is_undone_in_normalized_mode_and_overflows_are_skipped():
+    model, (x, target) = toy(), data()
+    model.float()
+    x, target = x.float(), target.float()
+    plain = score(model, [(x, target)], loss_fn=mse, progress=False).values
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    pruner = polyprune_ext.Pruner(model, example_input=x, scaler=scaler)  # so nonfinite="skip"
+    with pruner.scoring():
+        scaler.scale(mse(model(x), target)).backward()
+    scaler.update(2.0 ** 127)  # the next step overflows float32: inf gradients
+    with pruner.scoring():
+        scaler.scale(mse(model(x), target)).backward()
+    assert not all(p.grad.isfinite().all() for p in model.parameters())  # it did overflow
+    assert pruner.stats == {"batches": 1, "skipped_batches": 1, "skipped_samples": 0}
+    assert_scores_equal(pruner.scores(), plain, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast_and_channels_last_give_close_scores(dtype):
     smp = pytest.importorskip("segmentation_models_pytorch")
@@ -202,6 +237,9 @@ def test_bad_input_is_refused_clearly():
         score(model, [x], loss_fn=mse, progress=False)
     with pytest.raises(TypeError, match="expected"):
         score(model, [{"pixels": x}], loss_fn=mse, progress=False)
+    with pytest.raises(TypeError, match="'image' but no 'mask'"):
+        score(model, [{"image": x}], loss_fn=mse, progress=False)
+    assert score(model, [{"image": x}], grad="random", progress=False).batches == 1  # no loss
     with pytest.raises(ValueError, match="loss_fn"):
         score(model, [(x, target)], progress=False)
     with pytest.raises(ValueError, match="grad must be"):
@@ -210,18 +248,46 @@ def test_bad_input_is_refused_clearly():
         score(torch.nn.Conv2d(3, 2, 1).double(), [(x, target)], loss_fn=mse, progress=False)
 
 
+def test_no_scored_batch_is_an_error():
+    """Rather than all-zero scores, on which pruning would choose channels arbitrarily."""
+    model, (x, target) = toy(), data()
+    with pytest.raises(RuntimeError, match=r"no batch was scored \(0 read, 0 skipped"):
+        score(model, [], loss_fn=mse, example_input=x[:1], progress=False)
+    bad = target.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"\(2 read, 2 skipped for NaN or Inf"):
+        score(model, [(x, bad)] * 2, loss_fn=mse, nonfinite="skip", progress=False)
+    assert all(p.requires_grad for p in model.parameters())  # the model is left as it was
+
+
+def down_up_group(analysis):
+    """The index of the group of down's output channels, which are up's input channels."""
+    return next(i for i, g in enumerate(analysis.groups) if g.prunable and [s.name for s in g.slots] ==
+                ["down.weight", "down.bias", "up.weight"])
+
+
 def test_magnitude_baselines():
     model = toy()
     analysis = analyze(model, data()[0][:1])
     l1 = magnitude_scores(model, analysis, "l1")
-    i = next(i for i, g in enumerate(analysis.groups) if g.prunable and [s.name for s in g.slots] ==
-             ["down.weight", "down.bias", "up.weight"])
+    i = down_up_group(analysis)
     expected = model.down.weight.abs().sum((1, 2, 3)) + model.down.bias.abs() + model.up.weight.abs().sum((1, 2, 3))
     torch.testing.assert_close(l1[i], expected.detach())
     bn = magnitude_scores(model, analysis, "bn_scale")
     assert torch.isinf(bn[i]).all()  # no norm in that group: never chosen
     assert_scores_equal(magnitude_scores(model, analysis, "random", seed=3),
                         magnitude_scores(model, analysis, "random", seed=3), rtol=0)
+
+
+def test_l2_baseline_is_the_filter_norm():
+    model = toy()
+    analysis = analyze(model, data()[0][:1])
+    l2 = magnitude_scores(model, analysis, "l2")
+    i = down_up_group(analysis)
+    expected = (model.down.weight.square().sum((1, 2, 3)) + model.down.bias.square()
+                + model.up.weight.square().sum((1, 2, 3))).sqrt()
+    assert l2[i].dtype == torch.float64
+    torch.testing.assert_close(l2[i], expected.detach())
 
 
 def test_pruner_prunes_and_training_goes_on():
@@ -285,6 +351,12 @@ def test_layer_normalization_and_flops_weighting():
         per_channel = full - polyprune_ext.policy.cost(plain.analysis, {i: size - 1})["flops"]
         assert per_channel > 0
         torch.testing.assert_close(v * per_channel, plain.values[i])
+    both = score(model, [(x, target)], loss_fn=mse, normalize_layers=True, flops_weighted=True,
+                 progress=False)
+    for i, v in both.values.items():  # normalised first, or the normalisation would cancel the FLOPs
+        size = plain.analysis.groups[i].size
+        per_channel = full - polyprune_ext.policy.cost(plain.analysis, {i: size - 1})["flops"]
+        torch.testing.assert_close(v * per_channel, normalized.values[i])
     l1 = score(model, None, criterion="l1", example_input=x[:1])
     assert l1.values.keys() == plain.values.keys() and l1.batches == 0
 
@@ -302,3 +374,29 @@ def test_scores_on_linear_layers_over_channels_last_tokens(reduce):
     (gy,) = torch.autograd.grad(mse(y, target), y)
     z = oracle_z(model, got.analysis, x, gy)
     assert_scores_equal(got.values, {i: reduce_z(v, reduce) for i, v in z.items()})
+
+
+@pytest.mark.parametrize("normalize_layers, flops_weighted", [(True, False), (False, True), (True, True)])
+def test_pruner_prunes_on_weighted_scores(normalize_layers, flops_weighted):
+    model, (x, target) = toy(), data()
+    raw = score(model, [(x, target)], loss_fn=mse, progress=False)
+    analysis, full = raw.analysis, cost(raw.analysis)["flops"]
+    weighted = {}
+    for i, v in raw.values.items():  # by hand: per-layer L2 norm, then one channel's FLOPs
+        if normalize_layers:
+            v = v / v.norm()
+        if flops_weighted:
+            v = v / (full - cost(analysis, {i: analysis.groups[i].size - 1})["flops"])
+        weighted[i] = v
+
+    def choice(scores):
+        keep = select_channels(analysis, scores, amount=0.3, target="flops")
+        return {str(i): k.tolist() for i, k in sorted(keep.items())}
+
+    expected = choice(weighted)
+    assert expected != choice(raw.values)  # the weighting changes what goes
+    pruner = polyprune_ext.Pruner(model, example_input=x, normalize_layers=normalize_layers,
+                                  flops_weighted=flops_weighted)
+    with pruner.scoring():
+        mse(model(x), target).backward()
+    assert pruner.prune(0.3, target="flops")["keep"] == expected
