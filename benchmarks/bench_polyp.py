@@ -38,12 +38,13 @@ CRITERIA = {"normalized": ("taylor", "normalized"), "loss": ("taylor", "loss"),
             "random": ("random", "normalized")}
 
 
-def trainer(model, args, out_dir, plan=None):
+def trainer(model, args, out_dir, plan=None, lr=None):
+    """A Trainer on the benchmark's split; ``lr``: AdamW's rate (default --lr, for training)."""
     common = dict(size=args.size, val_count=args.val_count, seed=0)
     source = None if args.data == "synthetic" else args.data
     train = polyp_dataset(source, split="train", augment=True, **common)
     val = polyp_dataset(source, split="val", **common)
-    config = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=0)
+    config = TrainConfig(batch_size=args.batch_size, lr=lr or args.lr, seed=0)
     return Trainer(model, train, val, config, device=args.device, out_dir=out_dir, plan=plan,
                    progress=False)
 
@@ -83,7 +84,8 @@ def control(path, args, out):
     each with a fresh cosine schedule); resumes from out/control. (rows, model)."""
     directory = out / "control"
     seed_everything(0)
-    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path))
+    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path),
+                lr=args.finetune_lr)
     example = torch.zeros(t.plan.input_shape, device=t.device)
     first = row_of(t, 0, example)
     if (directory / "train_state.pt").exists():
@@ -100,7 +102,8 @@ def ours(path, args, out, name, reduction):
     directory = out / f"{name}-{reduction}"
     log = directory / "rows.json"  # written by report.write_rows, whole or not at all
     seed_everything(0)
-    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path))
+    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path),
+                lr=args.finetune_lr)
     rows = None
     if log.exists() and (directory / "train_state.pt").exists():
         t.resume()
@@ -122,7 +125,7 @@ def torch_pruning(path, args, out, importance, milestones):
     import torch_pruning as tp
 
     seed_everything(0)
-    t = trainer(checkpoint.load(path), args, None)
+    t = trainer(checkpoint.load(path), args, None, lr=args.finetune_lr)
     model, example = t.model, torch.zeros(1, 3, args.size, args.size, device=t.device)
     imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True,
@@ -139,9 +142,10 @@ def torch_pruning(path, args, out, importance, milestones):
                         break
                     dice_bce_loss(model(x), y).backward()
             pruner.step()
-        t.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+        t.optimizer = torch.optim.AdamW(model.parameters(), lr=args.finetune_lr, weight_decay=1e-4)
+        pruned = t.evaluate()["dice"]
         t.fit(args.finetune_epochs, phase=f"tp step {step}")
-        rows.append(row_of(t, step, example))
+        rows.append({**row_of(t, step, example), "dice_pruned": pruned})
     return rows, model
 
 
@@ -154,7 +158,9 @@ def main():
     parser.add_argument("--size", type=int, default=192)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="training from scratch")
+    parser.add_argument("--finetune-lr", type=float, default=3e-4,
+                        help="AdamW's rate for every fine-tuning run (the control's too)")
     parser.add_argument("--steps", type=int, default=3, help="pruning steps, each removing the same "
                         "fraction of FLOPs (the same schedule for every criterion)")
     parser.add_argument("--score-batches", type=int, default=8)
@@ -162,10 +168,10 @@ def main():
     parser.add_argument("--reductions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA)[1:], choices=list(CRITERIA)[1:],
                         help="compared with normalized TaylorFO at -50%% FLOPs")
-    parser.add_argument("--weighting", choices=("none", "flops", "layers", "both"), default="flops",
-                        help="how the score-based criteria rank channels globally: raw scores, per "
-                        "FLOP one channel costs (the default: the target is FLOPs), each layer's "
-                        "scores over their L2 norm, or both")
+    parser.add_argument("--weighting", choices=("none", "flops", "layers", "both"), default="layers",
+                        help="how the score-based criteria rank channels globally: raw scores, "
+                        "each layer's scores over their L2 norm (the default; raw scores took most "
+                        "of the deep layers), per FLOP one channel costs, or both")
     parser.add_argument("--latency-rounds", type=int, default=5)
     parser.add_argument("--torch-pruning", action="store_true")
     parser.add_argument("--tp-max-ratio", type=float, default=0.9,
@@ -204,15 +210,16 @@ def main():
     report = heading(args.device) + [
         f"### Polyp segmentation, {args.data}, {args.arch}-{args.encoder} at {args.size}x{args.size}, "
         f"{args.epochs} epochs from scratch; {args.steps} pruning steps, each removing the same share of FLOPs, "
-        f"{args.finetune_epochs} fine-tuning epochs after each; weighting {args.weighting}; "
+        f"{args.finetune_epochs} fine-tuning epochs after each at lr {args.finetune_lr:g}; weighting {args.weighting}; "
         f"{time.time() - start:.0f} s in all", "",
-        "| criterion | FLOPs target | steps | params (M) | GFLOPs | Dice | IoU | Dice change | latency ms (batch 1) | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        f"| unpruned | - | - | {base['params'] / 1e6:.2f} | {base['gflops']:.2f} | {base['dice']:.4f} | {base['iou']:.4f} | - | "
+        "| criterion | FLOPs target | steps | params (M) | GFLOPs | Dice after last prune | Dice | IoU | Dice change | latency ms (batch 1) | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| unpruned | - | - | {base['params'] / 1e6:.2f} | {base['gflops']:.2f} | - | {base['dice']:.4f} | {base['iou']:.4f} | - | "
         f"{base['ms']:.1f} | 1.00x |"]
     for (name, reduction), rows in results.items():
         r = rows[-1]
-        report.append(f"| {name} | {f'-{reduction:.0%}' if reduction else '-'} | {r['step']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {r['dice']:.4f} | "
+        pruned = "-" if r.get("dice_pruned") is None else f"{r['dice_pruned']:.4f}"
+        report.append(f"| {name} | {f'-{reduction:.0%}' if reduction else '-'} | {r['step']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {pruned} | {r['dice']:.4f} | "
                       f"{r['iou']:.4f} | {r['dice'] - base['dice']:+.4f} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
     print("\n".join(report))
     if not args.no_append:

@@ -1,7 +1,8 @@
 """Iterative structured pruning to a FLOPs or params target (Sapkota et al. 2023):
 score over k batches -> remove a fraction of the remaining channels -> fine-tune -> repeat.
 
-Each step is one row of the log (params, GFLOPs, validation Dice/IoU, latency); the same optimizer
+Each step is one row of the log (params, GFLOPs, validation Dice/IoU after fine-tuning and Dice
+right after the prune, before it: what the criterion alone kept; latency); the same optimizer
 trains throughout, its state compacted with the parameters; the trainer checkpoints the pruned
 model (state_dict + pruning plan) after every fine-tuning epoch.
 """
@@ -66,10 +67,11 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
     example = torch.zeros(trainer.plan.input_shape, device=trainer.device)
     rows = list(rows or [])
 
-    def add_row(step, removed_channels):
+    def add_row(step, removed_channels, dice_pruned=None):
         stats = model_stats(model, example)
         rows.append({"step": step, "params": stats.params, "gflops": stats.gflops,
-                     "removed_channels": removed_channels, **trainer.evaluate(),
+                     "removed_channels": removed_channels, "dice_pruned": dice_pruned,
+                     **trainer.evaluate(),
                      **(measure(model) if measure else {})})
         if on_step:
             on_step(rows)
@@ -110,6 +112,7 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
             raise RuntimeError(f"step {step} removes nothing: the limits stop short of the target")
         trainer.plan.steps.append(prune_(model, analysis, keep, trainer.optimizer))
         removed = sum(analysis.groups[i].size - len(k) for i, k in keep.items())
+        dice_pruned = trainer.evaluate().get("dice")
         trainer.fit(config.finetune_epochs, phase=f"prune step {step}")
-        stats = add_row(step, removed)
+        stats = add_row(step, removed, dice_pruned)
     return rows
