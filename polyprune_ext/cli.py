@@ -39,7 +39,7 @@ def add_data_options(p, size=352, data_help="images/ + masks/ folder, or 'synthe
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -260,6 +260,9 @@ def parser():
     p.add_argument("--score-batches", type=int, default=8, help="batches scored per step")
     p.add_argument("--finetune-epochs", type=int, default=3, help="epochs after each step")
     p.add_argument("--round-to", type=int, default=1, help="keep multiples of this many channels")
+    # Fine-tuning a trained model wants a smaller rate than training it (Kvasir-SEG, resnet18:
+    # 1.4 Dice points better at 3e-4 than at 1e-3 after a -50% FLOPs prune).
+    p.set_defaults(lr=3e-4)
     p.add_argument("--normalize-layers", action="store_true",
                    help="divide each layer's scores by their L2 norm before the global ranking")
     p.add_argument("--flops-weighted", action="store_true",
@@ -305,8 +308,8 @@ def parser():
     p.add_argument("--crs", type=float, nargs="+", default=list(sweep.CRS),
                    help="compression ratios: prunable weights / remaining weights")
     p.add_argument("--scopes", nargs="+", choices=("layer", "global"), default=["layer", "global"])
-    p.add_argument("--finetune-epochs", type=int, default=1, help="epochs after each pruning")
-    p.add_argument("--finetune-lr", type=float, default=1e-4,
+    p.add_argument("--finetune-epochs", type=int, default=2, help="epochs after each pruning")
+    p.add_argument("--finetune-lr", type=float, default=3e-4,
                    help="learning rate of each point's fine-tuning (default %(default)s)")
     p.add_argument("--one-shot", action="store_true",
                    help="prune the trained model afresh at each CR (default: gradually)")

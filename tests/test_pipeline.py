@@ -129,3 +129,14 @@ def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["phase"] for r in again.history].count("prune step 2") == 2
     assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9)
+
+
+def test_cli_nuclei_train_and_sweep(tmp_path):
+    cli.main(["nuclei", "train", "--encoder", "resnet18", "--epochs", "1", "--out", str(tmp_path / "trained"), *TINY])
+    cli.main(["nuclei", "sweep", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sweep"),
+              "--crs", "1", "4", "--finetune-epochs", "1", *TINY])
+    for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"):
+        assert (tmp_path / "sweep" / name).exists(), name
+    rows = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert sorted((r["scope"], r["cr"]) for r in rows) == [("global", 1), ("global", 4), ("layer", 1), ("layer", 4)]
+    assert all(r["sparsity"] == pytest.approx(1 - 1 / r["cr"], abs=1e-3) for r in rows)
