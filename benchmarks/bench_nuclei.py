@@ -9,7 +9,9 @@ benchmarks/RESULTS.md: the unpruned metrics, the sweep table (semantic Dice, reg
 instance AJI and PQ, dense and compressed checkpoint sizes), where the scopes cross, and the
 largest CR at which each metric stays within 2% of the unpruned model and of the CR 1 point
 (the same fine-tuning with nothing pruned); the issue's targets: Dice at CR 16, MSE at CR 20,
-AJI at CR 5.
+AJI at CR 5. Then, per network, the --sensitive layers whose pruning alone (--sensitivity-sparsity
+of that layer's weights, no fine-tuning) hurts its metric most: what makes layer-wise pruning,
+which prunes small layers as hard as large ones, fall behind.
 """
 
 import argparse
@@ -18,8 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.utils import prune
 
-from polyprune_ext import report, sweep
+from polyprune_ext import magnitude, report, sweep
 from polyprune_ext.nuclei import NucleiMetrics, NucleiNet, nuclei_datasets, nuclei_loss
 from polyprune_ext.training import TrainConfig, Trainer, seed_everything
 
@@ -46,6 +49,29 @@ def largest_cr_within(rows, base, metric, higher, scope, tolerance=0.02):
             break
         best = r["cr"]
     return best
+
+
+def sensitivity(t, sparsity, count):
+    """Markdown rows: for each network of the trained model, the ``count`` convs whose magnitude
+    pruning alone, to ``sparsity`` and without fine-tuning, hurts its own metric most (semantic:
+    Dice, regression: MSE)."""
+    t.metrics = lambda: NucleiMetrics(instances=False)  # pixel metrics: no watershed needed
+    base = t.evaluate()
+    rows = [f"| network | conv | weights | {sparsity:.0%} of it pruned: Dice | MSE |", "|---|---|---|---|---|"]
+    for net_name, network in t.model.networks().items():
+        names = {id(m): n for n, m in network.named_modules()}
+        found = []
+        for module, name in magnitude.prunable_tensors(network):
+            original = getattr(module, name).detach().clone()
+            prune.l1_unstructured(module, name, amount=sparsity)
+            r = t.evaluate()
+            prune.remove(module, name)
+            getattr(module, name).data.copy_(original)
+            found.append((r["dice"], r["mse"], names[id(module)], original.numel()))
+        worst = sorted(found, key=lambda f: -f[1] if net_name == "regression" else f[0])[:count]
+        rows += [f"| {net_name} | {n} | {w} | {d:.4f} | {m:.4f} |" for d, m, n, w in worst]
+    t.metrics = NucleiMetrics
+    return [f"Unpruned, pixel metrics: Dice {base['dice']:.4f}, MSE {base['mse']:.5f}", ""] + rows
 
 
 def run(args, data, out):
@@ -86,6 +112,10 @@ def run(args, data, out):
                          + ", ".join(f"{sweep.SCOPE_NAMES[s]} {'none' if c is None else f'{c:g}'}"
                                      for s, c in reached.items()) + f" (target: CR {goal})")
     lines.append(f"- plot: {out / 'sweep.png'} (not committed)")
+    if args.sensitive:
+        lines += ["", f"Most sensitive convs of the trained model ({args.sensitivity_sparsity:.0%} "
+                  "of one conv's weights pruned, nothing else, no fine-tuning):", "",
+                  *sensitivity(t, args.sensitivity_sparsity, args.sensitive)]
     return lines
 
 
@@ -105,6 +135,9 @@ def main():
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--crs", type=float, nargs="+", default=list(sweep.CRS))
+    parser.add_argument("--sensitive", type=int, default=5,
+                        help="list this many most sensitive convs per network (0: skip)")
+    parser.add_argument("--sensitivity-sparsity", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
