@@ -224,7 +224,8 @@ def cmd_demo(args):
     trainer.fit(args.epochs)
     trainer.out_dir = out / "pruned"
     config = PruneConfig(reduction=args.reduction, step=args.step, score_batches=args.score_batches,
-                         finetune_epochs=args.finetune_epochs, seed=args.seed)
+                         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                         seed=args.seed)
     run_pruning(trainer, config, args, out / "pruned", heading="polyprune demo: TaylorFO pruning on synthetic polyps")
 
 
@@ -328,6 +329,7 @@ def parser():
     p.add_argument("--step", type=float, default=0.25)
     p.add_argument("--score-batches", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--finetune-lr", type=float, default=3e-4, help="after training at --lr")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(run=cmd_demo)
     return main

@@ -35,6 +35,9 @@ class PruneConfig:
     flops_weighted: bool = False  # scores over the FLOPs one channel costs: importance per FLOP
     score_batches: int = 8
     finetune_epochs: int = 2
+    # AdamW's rate while fine-tuning, when it should differ from the training rate the optimizer
+    # holds (a trained model wants a smaller one); None keeps the optimizer's own.
+    finetune_lr: Optional[float] = None
     scope: str = "global"
     round_to: int = 1
     seed: int = 0
@@ -77,6 +80,9 @@ def iterative_prune(trainer, config: PruneConfig, *, measure: Optional[Callable]
             on_step(rows)
         return stats
 
+    if config.finetune_lr is not None:  # Trainer.fit starts each phase from initial_lr
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = config.finetune_lr
     if not rows:
         add_row(0, 0)
     goal = (1 - config.reduction) * _target_of(rows[0], config.target)

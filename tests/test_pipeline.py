@@ -46,8 +46,10 @@ def test_iterative_pruning_reaches_the_flops_target(tmp_path, schedule):
     trainer = tiny_trainer(tmp_path)
     optimizer = trainer.optimizer
     rows = iterative_prune(trainer, PruneConfig(reduction=0.4, score_batches=1, finetune_epochs=1,
-                                                **schedule))
+                                                finetune_lr=2e-4, **schedule))
     assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9) < rows[-2]["gflops"]
+    assert all(0 <= r["dice_pruned"] <= 1 for r in rows[1:])  # measured before each fine-tuning
+    assert trainer.optimizer.param_groups[0]["initial_lr"] == 2e-4
     assert [r["step"] for r in rows] == list(range(len(rows)))
     if "steps" in schedule:  # the same share of FLOPs each step
         assert len(rows) == 3
