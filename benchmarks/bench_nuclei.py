@@ -87,25 +87,29 @@ def run(args, data, out):
     start = time.time()
     logged = out / "sweep.json"  # the points of an interrupted sweep: it resumes after them
     rows = sweep.compression_sweep(t, crs=args.crs, finetune_epochs=args.finetune_epochs,
-                                   finetune_lr=args.finetune_lr,
+                                   finetune_lr=args.finetune_lr, scopes=args.scopes,
+                                   first=not args.keep_first, last=not args.keep_last,
                                    out_dir=out / "points",
                                    rows=json.loads(logged.read_text()) if logged.exists() else None,
                                    on_row=lambda rows: report.write_rows(rows, out, "sweep"))
     sweep.plot_sweep(rows, out / "sweep.png", title=f"{data}: magnitude pruning")
+    dense = [name for name, keep in (("first", args.keep_first), ("last", args.keep_last)) if keep]
+    kept = f"; the {' and '.join(dense)} conv of each network kept dense" if dense else ""
     lines = [f"### Nuclei, {data} ({n_train} train / {n_val} val images at {args.size}x{args.size}), "
              f"NucleiNet({args.arch}, {args.encoder}, shared_encoder={args.shared_encoder}); "
              f"trained {args.epochs} epochs ({trained_s:.0f} s here; 0 if reused); sweep: gradual, "
-             f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}, "
-             f"{time.time() - start:.0f} s", "",
+             f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}"
+             f"{kept}, {time.time() - start:.0f} s", "",
              f"Unpruned: Dice {base['dice']:.4f}, MSE {base['mse']:.5f}, AJI {base['aji']:.4f}, "
-             f"PQ {base['pq']:.4f}", "", sweep.sweep_table(rows), "", *sweep.crossing_summary(rows)]
+             f"PQ {base['pq']:.4f}", "", sweep.sweep_table(rows), "",
+             *(sweep.crossing_summary(rows) if len(args.scopes) == 2 else [])]
     # Two references: the trained model, and the CR 1 point (the same fine-tuning, nothing
     # pruned), which separates what pruning costs from what the extra epochs change.
-    control = {s: next((r for r in rows if r["scope"] == s and r["cr"] == 1), None) for s in sweep.SCOPES}
+    control = {s: next((r for r in rows if r["scope"] == s and r["cr"] == 1), None) for s in args.scopes}
     for metric, higher, goal in TARGETS:
         for reference in ("unpruned", "CR 1"):
             reached = {}
-            for s in sweep.SCOPES:
+            for s in args.scopes:
                 ref = base if reference == "unpruned" else control[s]
                 reached[s] = None if ref is None else largest_cr_within(rows, ref[metric], metric, higher, s)
             lines.append(f"- {metric} within 2% of {reference} up to CR: "
@@ -135,6 +139,9 @@ def main():
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
     parser.add_argument("--crs", type=float, nargs="+", default=list(sweep.CRS))
+    parser.add_argument("--scopes", nargs="+", choices=sweep.SCOPES, default=list(sweep.SCOPES))
+    parser.add_argument("--keep-first", action="store_true", help="leave each network's first conv dense")
+    parser.add_argument("--keep-last", action="store_true", help="leave each network's last conv dense")
     parser.add_argument("--sensitive", type=int, default=5,
                         help="list this many most sensitive convs per network (0: skip)")
     parser.add_argument("--sensitivity-sparsity", type=float, default=0.5)

@@ -207,8 +207,9 @@ def main():
                 cells.append(f"{r['share']:.0%}" if r.get("share") is not None else "-")
         report.append(f"| {arch}-{encoder} | " + " | ".join(cells) + " |")
         print(report[-1], flush=True)
-    tail = ["", f"Pruned right: ours {right['ours']}/{built}, Torch-Pruning {right['tp']}/{built} "
-            f"(of {len(MODELS)} pairs, {built} built by smp).",
+    counts = ", ".join(f"{name} {right[lib]}/{built}" for lib, name in
+                       (("ours", "ours"), ("tp", "Torch-Pruning")) if lib in args.libraries)
+    tail = ["", f"Pruned right: {counts} (of {len(MODELS)} pairs, {built} built by smp).",
             f"Slowest analysis + prune of ours: {slowest[0]:.2f} s ({slowest[1]}).",
             "Encoder conv output channels in prunable groups (ours), lowest over the architectures: "
             + ", ".join(f"{e} {min(v):.0%}" for e, v in shares.items()) + ".",

@@ -26,7 +26,7 @@ import torch
 from .checkpoint import PruningPlan, save
 from .dependency import analyze
 from .policy import select_channels
-from .scoring import TaylorAccumulator, weigh_scores, per_sample_scale
+from .scoring import TaylorAccumulator, per_sample_scale, weigh_scores
 from .surgery import prune_
 
 
@@ -91,7 +91,7 @@ class Pruner:
         """{group index: per-channel score} accumulated since the last prune, weighted as
         configured: what prune() ranks."""
         return weigh_scores(self.accumulator.scores(), self.analysis, self.normalize_layers,
-                      self.flops_weighted)
+                            self.flops_weighted)
 
     @property
     def stats(self) -> dict:
