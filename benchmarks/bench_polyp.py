@@ -12,6 +12,9 @@ score-based criteria rank channels with the same --weighting. Rows:
   - at -50%, with --torch-pruning: Torch-Pruning's Taylor and L1 magnitude importance on the same
     model, pruned to the same FLOPs after each step as our normalized run, with the same
     fine-tuning (benchmark-only install: pip install ../shared/wheels/torch_pruning-*.whl).
+With --one-shot, instead: every criterion, with raw and per-layer normalised scores, prunes the
+trained model once to each --reductions, with no fine-tuning, and the table gives the Dice each
+keeps: what the criterion alone is worth.
 Latency: batch 1 at --size, fp32, on --device, measured at the end for every final model in
 turn, --latency-rounds times round-robin after one untimed round (each a median of 10 after
 warm-up), so that all models see the same machine; the median over rounds is reported. Prints a table and appends it to
@@ -26,11 +29,13 @@ from pathlib import Path
 
 import torch
 
-from polyprune_ext import checkpoint, report, speed
+from polyprune_ext import checkpoint, report, score, speed
 from polyprune_ext.data import polyp_dataset
 from polyprune_ext.iterative import PruneConfig, iterative_prune
 from polyprune_ext.metrics import dice_bce_loss
 from polyprune_ext.model_stats import model_stats
+from polyprune_ext.policy import select_channels
+from polyprune_ext.surgery import prune_
 from polyprune_ext.training import TrainConfig, Trainer, build_model, seed_everything
 
 CRITERIA = {"normalized": ("taylor", "normalized"), "loss": ("taylor", "loss"),
@@ -149,6 +154,33 @@ def torch_pruning(path, args, out, importance, milestones):
     return rows, model
 
 
+def one_shot(path, args):
+    """Markdown rows: the validation Dice after one prune of the trained model to each reduction,
+    no fine-tuning, for every criterion, on raw and on per-layer normalised scores."""
+    t = trainer(checkpoint.load(path), args, None)
+    example = torch.zeros(t.plan.input_shape, device=t.device)
+    dice = t.evaluate()["dice"]
+    rows = ["| criterion | scores | " + " | ".join(f"Dice at -{r:.0%} FLOPs" for r in args.reductions) + " |",
+            "|---|---|" + "---|" * len(args.reductions),
+            "| unpruned | - | " + " | ".join(f"{dice:.4f}" for _ in args.reductions) + " |"]
+    for normalize_layers in (False, True):
+        for name, (criterion, grad) in CRITERIA.items():
+            seed_everything(0)
+            scores = score(checkpoint.load(path).to(t.device), t.train_loader, loss_fn=t.loss_fn,
+                           criterion=criterion, grad=grad, num_batches=args.score_batches,
+                           normalize_layers=normalize_layers, example_input=example)
+            cells = []
+            for reduction in args.reductions:
+                t.model = checkpoint.load(path).to(t.device)
+                keep = select_channels(scores.analysis, scores.values, amount=reduction, target="flops")
+                prune_(t.model, scores.analysis, keep)
+                cells.append(f"{t.evaluate()['dice']:.4f}")
+            rows.append(f"| {name} | {'per-layer normalised' if normalize_layers else 'raw'} | "
+                        + " | ".join(cells) + " |")
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/kvasir-seg")
@@ -173,6 +205,8 @@ def main():
                         "each layer's scores over their L2 norm (the default; raw scores took most "
                         "of the deep layers), per FLOP one channel costs, or both")
     parser.add_argument("--latency-rounds", type=int, default=5)
+    parser.add_argument("--one-shot", action="store_true",
+                        help="only compare the criteria on one prune without fine-tuning")
     parser.add_argument("--torch-pruning", action="store_true")
     parser.add_argument("--tp-max-ratio", type=float, default=0.9,
                         help="Torch-Pruning's max_pruning_ratio per layer (its own default is 1.0; "
@@ -186,6 +220,16 @@ def main():
     out = Path(args.out)
     start = time.time()
     path = unpruned(args, out)
+    if args.one_shot:
+        rows = one_shot(path, args)
+        report = heading(args.device) + [
+            f"### Polyp segmentation, {args.data}, {args.arch}-{args.encoder} at {args.size}x{args.size}, "
+            f"{args.epochs} epochs from scratch; one prune to each FLOPs target, no fine-tuning; "
+            f"{args.score_batches} scoring batches; {time.time() - start:.0f} s in all", "", *rows]
+        print("\n".join(report))
+        if not args.no_append:
+            append_results(report)
+        return
     results, models = {}, {}
 
     def record(key, run):
