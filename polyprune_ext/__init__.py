@@ -1,14 +1,39 @@
-"""polyprune_ext: prune segmentation networks for real-time use, with fused C++/CUDA kernels."""
+"""polyprune_ext: prune segmentation networks for real-time use, with fused C++/CUDA kernels.
+
+The library (this namespace) works on any PyTorch model and needs torch alone:
+
+- ``ops``: the kernels, as torch ops (fused activation x gradient reduction, in-place compaction);
+- structural pruning: ``analyze`` (channel groups, op ``rule``s), ``select_channels`` and
+  ``cost`` (what to remove), ``PruningPlan`` (removes channels and records it), ``save`` and
+  ``load`` (plain weights plus the plan), ``model_stats`` (params and FLOPs);
+- scoring: ``score`` (TaylorFO), ``baseline_scores`` (L1, L2, BN scale, random) and ``Pruner``
+  (TaylorFO inside training steps);
+- unstructured pruning: ``magnitude_prune_`` and compressed sparse checkpoints;
+- ``latency``: how fast a model runs, measured the way it will be run.
+
+The applications built on it (a training engine, the polyp and nuclei tasks, the ``polyprune``
+command) live in ``polyprune_ext.engine``, ``polyprune_ext.tasks`` and ``polyprune_ext.cli``.
+"""
 
 import torch
 
 from . import _C  # loads the compiled kernels and registers torch.ops.polyprune_ext
 from . import ops
-from .dependency import analyze
-from .pruner import Pruner
-from .scoring import score
+from .choices import Baseline, Criterion, Grad, Reduce, Scope, Target
+from .models import register_model_family
+from .scoring import Pruner, Scores, baseline_scores, score
+from .speed import latency
+from .structure import (Analysis, ChannelGroup, Gate, ModelStats, PruningPlan, analyze, cost,
+                        load, model_stats, rule, save, select_channels, zero_channels)
+from .unstructured import load_compressed, magnitude_prune_, make_permanent_, save_compressed
 
-__all__ = ["Pruner", "analyze", "build_info", "ops", "score"]
+__all__ = [
+    "Analysis", "Baseline", "ChannelGroup", "Criterion", "Gate", "Grad", "ModelStats", "Pruner",
+    "PruningPlan", "Reduce", "Scope", "Scores", "Target", "analyze", "baseline_scores",
+    "build_info", "cost", "latency", "load", "load_compressed", "magnitude_prune_",
+    "make_permanent_", "model_stats", "ops", "register_model_family", "rule", "save",
+    "save_compressed", "score", "select_channels", "zero_channels",
+]
 
 
 def build_info() -> dict:

@@ -1,14 +1,13 @@
-"""Pruned models saved as a state_dict plus a JSON plan, and loaded into a fresh base model."""
+"""Pruned models saved as a state_dict plus a JSON plan (in the safetensors metadata, or beside a
+torch file), and loaded into a fresh base model."""
 
-import json
 
 import pytest
 import torch
 
-from polyprune_ext import checkpoint
-from polyprune_ext.dependency import analyze
-from polyprune_ext.model_stats import Dropped
-from polyprune_ext.surgery import prune_
+import polyprune_ext
+from polyprune_ext import PruningPlan, analyze
+from polyprune_ext.structure import Dropped, read_plan
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 SHAPE = (1, 3, 64, 64)
@@ -17,13 +16,13 @@ SHAPE = (1, 3, 64, 64)
 def pruned_unet(steps=2):
     """Unet-resnet18 pruned twice (a third of every group, then again), and its plan."""
     model = smp.Unet("resnet18", encoder_weights=None, classes=2).eval()
-    plan = checkpoint.PruningPlan.for_model(model, SHAPE)
+    plan = PruningPlan.for_model(model, SHAPE)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         analysis = analyze(model, torch.zeros(SHAPE))
         keep = {i: torch.randperm(g.size, generator=gen)[: max(1, g.size * 2 // 3)].sort().values
                 for i, g in enumerate(analysis.groups) if g.prunable}
-        plan.steps.append(prune_(model, analysis, keep))
+        plan.prune_(model, analysis, keep)
     return model, plan
 
 
@@ -31,43 +30,45 @@ def pruned_unet(steps=2):
 def test_round_trip_gives_identical_outputs(tmp_path, suffix):
     model, plan = pruned_unet()
     path = tmp_path / f"pruned{suffix}"
-    checkpoint.save(path, model, plan)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".plan.json"]
-    loaded = checkpoint.load(path).eval()  # the base model is rebuilt from the plan
+    polyprune_ext.save(path, model, plan)
+    files = [path.name] if suffix == ".safetensors" else [path.name, path.name + ".plan.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # one file, or weights + plan
+    loaded = polyprune_ext.load(path).eval()  # the base model is rebuilt from the plan
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert json.loads((tmp_path / (path.name + ".plan.json")).read_text())["base"]["arch"] == "Unet"
+    assert read_plan(path).base["family"] == "smp" and read_plan(path).base["kwargs"]["arch"] == "Unet"
+    assert len(read_plan(path).steps) == 2
 
 
 def test_torch_file_is_a_plain_state_dict(tmp_path):
     model, plan = pruned_unet(steps=1)
-    checkpoint.save(tmp_path / "m.pt", model, plan)
+    polyprune_ext.save(tmp_path / "m.pt", model, plan)
     state = torch.load(tmp_path / "m.pt", weights_only=True)  # no pickled modules, no code
     assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def test_wrong_base_model_is_refused(tmp_path):
     model, plan = pruned_unet(steps=1)
-    checkpoint.save(tmp_path / "m.safetensors", model, plan)
+    polyprune_ext.save(tmp_path / "m.safetensors", model, plan)
     wrong = smp.Unet("resnet34", encoder_weights=None, classes=2)
     with pytest.raises(ValueError, match="same base model"):
-        checkpoint.load(tmp_path / "m.safetensors", base_model=wrong)
+        polyprune_ext.load(tmp_path / "m.safetensors", base_model=wrong)
 
 
 def test_round_trip_with_drop_then_prune(tmp_path):
     model = smp.PSPNet("resnet34", encoder_weights=None, classes=2).eval()
-    plan = checkpoint.PruningPlan.for_model(model, SHAPE)
-    assert checkpoint.drop_unused_step_(model, plan) == ["encoder.layer3", "encoder.layer4"]
+    plan = PruningPlan.for_model(model, SHAPE)
+    assert plan.drop_unused_(model) == ["encoder.layer3", "encoder.layer4"]
     analysis = analyze(model, torch.zeros(SHAPE))
     keep = {i: torch.arange(0, g.size, 2) for i, g in enumerate(analysis.groups) if g.prunable}
-    plan.steps.append(prune_(model, analysis, keep))
+    plan.prune_(model, analysis, keep)
     path = tmp_path / "pspnet.safetensors"
-    checkpoint.save(path, model, plan)
+    polyprune_ext.save(path, model, plan)
     from safetensors.torch import load_file
 
     assert not any(k.startswith(("encoder.layer3.", "encoder.layer4.")) for k in load_file(path))
-    loaded = checkpoint.load(path).eval()
+    loaded = polyprune_ext.load(path).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -76,9 +77,9 @@ def test_round_trip_with_drop_then_prune(tmp_path):
 
 def test_drop_step_on_a_model_without_the_module_is_refused(tmp_path):
     model = smp.PSPNet("resnet34", encoder_weights=None, classes=2)
-    plan = checkpoint.PruningPlan.for_model(model, SHAPE)
-    checkpoint.drop_unused_step_(model, plan)
-    checkpoint.save(tmp_path / "m.pt", model, plan)
+    plan = PruningPlan.for_model(model, SHAPE)
+    plan.drop_unused_(model)
+    polyprune_ext.save(tmp_path / "m.pt", model, plan)
     wrong = smp.PSPNet("mobilenet_v2", encoder_weights=None, classes=2)  # no encoder.layer3
     with pytest.raises(ValueError, match="step 0: cannot drop 'encoder.layer3'"):
-        checkpoint.load(tmp_path / "m.pt", base_model=wrong)
+        polyprune_ext.load(tmp_path / "m.pt", base_model=wrong)

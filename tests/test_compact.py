@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import DEVICES
-from polyprune_ext import ops, reference
+from polyprune_ext.testing import devices
+from polyprune_ext import ops
+from polyprune_ext.ops import reference
 
 # What pruning compacts: conv / conv-transpose / linear weights, biases and norm statistics, in
 # float and integer dtypes, contiguous and channels_last.
@@ -31,7 +32,7 @@ def make(shape, dtype, memory_format, device, gen):
     return t.to(device).contiguous(memory_format=memory_format)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("shape,dtype,memory_format", TENSORS, ids=str)
 @pytest.mark.parametrize("dim", [0, 1])
 def test_matches_index_select(device, shape, dtype, memory_format, dim):
@@ -51,14 +52,14 @@ def test_matches_index_select(device, shape, dtype, memory_format, dim):
         assert torch.equal(t, expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_keep_everything_and_keep_one(device):
     t = torch.arange(24.0, device=device).reshape(4, 6)
     assert torch.equal(ops.compact_(t.clone(), range(4), 0), t)
     assert torch.equal(ops.compact_(t.clone(), [5], 1), t[:, 5:])
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_view_with_storage_offset(device):
     base = torch.arange(60.0, device=device)
     t = base[10:].view(5, 10)
@@ -68,7 +69,7 @@ def test_view_with_storage_offset(device):
     assert torch.equal(base[:10], torch.arange(10.0, device=device))  # nothing before it moved
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_parameter_grad_and_optimizer_state(device):
     """The Parameter object survives, so an optimizer holding it trains on, with its state compacted."""
     conv = torch.nn.Conv2d(4, 8, 3).to(device)
@@ -88,7 +89,7 @@ def test_parameter_grad_and_optimizer_state(device):
     opt.step()  # same optimizer, compacted state: runs without a shape error
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("make_optimizer", [
     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
     lambda p: torch.optim.Adam(p, lr=0.1),
@@ -141,7 +142,7 @@ def test_cuda_many_batches():
     assert torch.equal(t, expected)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_opcheck(device):
     t = torch.randn(6, 4, 3, 3, device=device)
     torch.library.opcheck(torch.ops.polyprune_ext.compact_.default, (t, torch.tensor([1, 4]), 0))

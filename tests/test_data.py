@@ -1,4 +1,4 @@
-"""polyprune_ext.data: folder data sets (built here in tmp_path with Pillow), the synthetic set,
+"""polyprune_ext.tasks.polyp.data: folder data sets (built here in tmp_path with Pillow), the synthetic set,
 splits, augmentation and every error a wrong folder should give."""
 
 from pathlib import Path
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import dihedral, unnormalize
-
-from polyprune_ext.data import (MEAN, STD, PolypFolder, SyntheticPolyps, polyp_dataset,
-                                synthetic_polyp)
+from polyprune_ext.tasks.images import MEAN, STD
+from polyprune_ext.tasks.images import denormalize as unnormalize
+from polyprune_ext.tasks.polyp import PolypFolder, SyntheticPolyps, polyp_dataset, synthetic_polyp
+from polyprune_ext.testing import dihedral
 
 KVASIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kvasir-seg"
 

@@ -9,81 +9,10 @@ import copy
 import pytest
 import torch
 
-from polyprune_ext.dependency import analyze
-from polyprune_ext.model_stats import model_stats
-from polyprune_ext.surgery import prune_, zero_channels
-
-
-def randomize_norms(model):
-    """Batch norms that are not identities and layer scales that are not ~0 (timm's ConvNeXt starts
-    them at 1e-6), so that a zeroed channel visibly changes the output."""
-    gen = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if name.endswith("gamma") and p.dim() == 1:
-            p.data.copy_(torch.rand(p.numel(), generator=gen) + 0.5)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-
-
-def zeroed_reference(model, analysis, keep):
-    """A copy of model whose removed channels are zeroed at each of their group's gates."""
-    reference = copy.deepcopy(model)
-    drop = {i: sorted(set(range(analysis.groups[i].size)) - set(torch.as_tensor(k).tolist()))
-            for i, k in keep.items()}
-    zero_channels(reference, analysis, drop)
-    return reference
-
-
-def prune_and_compare(model, x, ratio, seed=0):
-    """Prune `ratio` of every prunable group at random; return (analysis, before, after, error)."""
-    model, x = model.double().eval(), x.double()
-    randomize_norms(model)
-    analysis = analyze(model, x)
-    gen = torch.Generator().manual_seed(seed)
-    keep = {i: torch.randperm(g.size, generator=gen)[: max(1, round(g.size * (1 - ratio)))].sort().values
-            for i, g in enumerate(analysis.groups) if g.prunable}
-    reference = zeroed_reference(model, analysis, keep)
-    before = model_stats(model, x)
-    with torch.no_grad():
-        expected, original = reference(x), model(x)
-    change = ((expected - original).abs().max() / original.abs().max()).item()
-    assert change > 1e-4, f"zeroing changed the output by only {change:.1e}: the check would be empty"
-    prune_(model, analysis, keep)
-    with torch.no_grad():
-        got = model(x)
-    assert got.shape == expected.shape
-    error = ((got - expected).abs().max() / expected.abs().max()).item()
-    return analysis, before, model_stats(model, x), error
-
-
-class Toy(torch.nn.Module):
-    """Residual add, U-Net style concatenation, depthwise conv, squeeze-excitation gate."""
-
-    def __init__(self):
-        super().__init__()
-        bn = torch.nn.BatchNorm2d
-        self.stem, self.stem_bn = torch.nn.Conv2d(3, 8, 3, padding=1), bn(8)
-        self.res, self.res_bn = torch.nn.Conv2d(8, 8, 3, padding=1), bn(8)
-        self.dw, self.dw_bn = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), bn(8)
-        self.squeeze, self.excite = torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 8, 1)
-        self.down = torch.nn.Conv2d(8, 12, 3, stride=2, padding=1)
-        self.up = torch.nn.ConvTranspose2d(12, 6, 2, stride=2)
-        self.fuse, self.fuse_bn = torch.nn.Conv2d(8 + 6, 10, 3, padding=1), bn(10)
-        self.head = torch.nn.Conv2d(10, 2, 1)
-
-    def forward(self, x):
-        x = torch.relu(self.stem_bn(self.stem(x)))
-        x = torch.relu(x + self.res_bn(self.res(x)))
-        x = torch.relu(self.dw_bn(self.dw(x)))
-        x = x * torch.sigmoid(self.excite(torch.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
-        skip = x
-        x = self.up(torch.relu(self.down(x)))
-        x = torch.relu(self.fuse_bn(self.fuse(torch.cat([skip, x], 1))))
-        return self.head(x)
+from polyprune_ext import analyze
+from polyprune_ext.structure import prune_
+from polyprune_ext.testing import (SMP_ARCHITECTURES, SMP_ENCODERS, Grouped, Tokens, Toy,
+                                   build_smp, prune_and_compare)
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
@@ -148,25 +77,9 @@ def test_frozen_group_cannot_be_pruned():
         prune_(model, analysis, {frozen: [0]})
 
 
-ARCHITECTURES = ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet",
-                 "MAnet", "PAN", "UPerNet", "Segformer"]
-ENCODERS = ["resnet18", "resnext50_32x4d", "se_resnet50", "efficientnet-b0", "mobilenet_v2",
-            "densenet121", "vgg11_bn", "timm-regnetx_002", "mit_b0", "tu-convnext_atto"]
-
-
-def build_smp(arch, encoder):
-    """The model, or a skip where smp itself cannot build the pair (mit with some decoders)."""
-    smp = pytest.importorskip("segmentation_models_pytorch")
-    torch.manual_seed(0)
-    try:
-        return getattr(smp, arch)(encoder, encoder_weights=None)
-    except Exception as error:  # smp refuses the combination at construction
-        pytest.skip(f"smp cannot build {arch} with {encoder}: {error}")
-
-
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
-@pytest.mark.parametrize("encoder", ENCODERS)
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("encoder", SMP_ENCODERS)
+@pytest.mark.parametrize("arch", SMP_ARCHITECTURES)
 def test_smp_function_preserved(arch, encoder, ratio):
     model = build_smp(arch, encoder)
     size = 128 if arch == "PAN" else 64  # PAN's pyramid pooling needs 128
@@ -210,28 +123,6 @@ def test_optimizer_state_follows_the_parameters():
         assert torch.equal(p, q)
 
 
-class Grouped(torch.nn.Module):
-    """ResNeXt-style grouped convs: one reading a concatenation of two groups that spans its conv
-    groups whole, one whose conv groups would cut a group (frozen)."""
-
-    def __init__(self):
-        super().__init__()
-        bn = torch.nn.BatchNorm2d
-        self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(3, 4, 1)
-        self.grouped, self.grouped_bn = torch.nn.Conv2d(12, 6, 3, padding=1, groups=3), bn(6)
-        self.expand, self.expand_bn = torch.nn.Conv2d(6, 10, 1), bn(10)
-        self.c, self.d = torch.nn.Conv2d(3, 5, 1), torch.nn.Conv2d(3, 7, 1)
-        self.cut = torch.nn.Conv2d(12, 4, 1, groups=2)  # 6 channels per conv group: c's 5 cut
-        self.head = torch.nn.Conv2d(14, 2, 1)
-
-    def forward(self, x):
-        ab = torch.relu(torch.cat([self.a(x), self.b(x)], 1))  # conv groups: a, a, b
-        y = torch.relu(self.grouped_bn(self.grouped(ab)))
-        y = torch.relu(self.expand_bn(self.expand(y)))
-        cd = torch.relu(torch.cat([self.c(x), self.d(x)], 1))
-        return self.head(torch.cat([y, self.cut(cd)], 1))
-
-
 def test_grouped_convolutions_prune_the_same_local_channel_from_every_conv_group():
     model = Grouped()
     analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
@@ -241,34 +132,6 @@ def test_grouped_convolutions_prune_the_same_local_channel_from_every_conv_group
     assert "grouped convolution (2 groups)" in analysis.report()
     assert model.a.out_channels == 4 and model.b.out_channels == 2  # tied block to block
     assert model.c.out_channels == 5 and model.d.out_channels == 7
-
-
-class Tokens(torch.nn.Module):
-    """Linear layers on channels-last tokens, a layer scale, per-channel group and instance
-    norms, a group norm that mixes channels, and chunks that map back to concatenated groups."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.inorm = torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
-        self.a, self.b = torch.nn.Conv2d(8, 6, 1), torch.nn.Conv2d(8, 4, 1)
-        self.gn_per_channel = torch.nn.GroupNorm(10, 10)
-        self.fc1, self.fc2 = torch.nn.Linear(10, 16), torch.nn.Linear(16, 10)
-        self.proj = torch.nn.Conv2d(10, 10, 1)
-        self.scale = torch.nn.Parameter(torch.rand(10) + 0.5)
-        self.mixing = torch.nn.Conv2d(10, 12, 1)
-        self.gn_mixing = torch.nn.GroupNorm(3, 12)
-        self.head = torch.nn.Conv2d(12 + 10, 2, 1)
-
-    def forward(self, x):
-        x = torch.relu(self.inorm(self.stem(x)))
-        x = self.gn_per_channel(torch.cat([self.a(x), self.b(x)], 1))
-        a, b = x.split([self.a.out_channels, self.b.out_channels], 1)  # the two groups again
-        x = torch.cat([torch.relu(a), b], 1)
-        tokens = self.proj(x).permute(0, 2, 3, 1)  # (N, H, W, C)
-        tokens = tokens + self.fc2(torch.nn.functional.gelu(self.fc1(tokens))) * self.scale
-        x = tokens.permute(0, 3, 1, 2)
-        return self.head(torch.cat([self.gn_mixing(self.mixing(x)), x], 1))
 
 
 def test_linear_norms_and_splits_function_preserved():

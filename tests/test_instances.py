@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from polyprune_ext.instances import (InstanceMetrics, aji, instance_targets, panoptic_quality,
+from polyprune_ext.tasks.nuclei.instances import (InstanceMetrics, aji, instance_targets, panoptic_quality,
                                      watershed_instances)
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from polyprune_ext.metrics import BinarySegmentationMetrics, dice_bce_loss, dice_loss
-from conftest import DEVICES
+from polyprune_ext.tasks.metrics import BinarySegmentationMetrics, dice_bce_loss, dice_loss
+from polyprune_ext.testing import devices
 
 
 def logits_of(pred):
@@ -93,7 +93,7 @@ def test_threshold():
         assert s["precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0), threshold
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_random_masks_against_numpy(device):
     g = torch.Generator().manual_seed(0)
     m = BinarySegmentationMetrics(threshold=0.3)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from polyprune_ext.model_stats import Dropped, drop_unused_, model_stats
+from polyprune_ext.structure import Dropped, drop_unused_, model_stats
 
 
 class ConvWithDeadBranch(torch.nn.Module):

@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from polyprune_ext import checkpoint, magnitude, sweep
-from polyprune_ext.dependency import analyze
-from polyprune_ext.instances import instance_targets
-from polyprune_ext.sparse_checkpoint import load_compressed
-from polyprune_ext.training import TrainConfig, Trainer
-from test_dependency import prune_and_compare
+import polyprune_ext
+from polyprune_ext import PruningPlan, analyze
+from polyprune_ext.engine import TrainConfig, Trainer, sweep
+from polyprune_ext.testing import prune_and_compare
+from polyprune_ext.unstructured import load_compressed, magnitude
 
 pytest.importorskip("segmentation_models_pytorch")
-from polyprune_ext.nuclei import NucleiMetrics, NucleiNet, nuclei_datasets, nuclei_loss  # noqa: E402
+from polyprune_ext.tasks.nuclei import TASK, NucleiNet, instance_targets, nuclei_datasets  # noqa: E402
+from polyprune_ext.tasks.nuclei import NucleiMetrics, nuclei_loss  # noqa: E402
 
 
 def two_nuclei(size=32):
@@ -42,15 +42,13 @@ def test_checkpoint_rebuilds_a_pruned_nuclei_model(tmp_path):
     torch.manual_seed(0)
     model = NucleiNet("Unet", "resnet18", shared_encoder=True).eval()
     x = torch.randn(1, 3, 64, 64)
-    plan = checkpoint.PruningPlan.for_model(model, x.shape)
-    assert plan.base == {"arch": "NucleiNet", "kwargs": model.spec}
-    from polyprune_ext.surgery import prune_
-
+    plan = PruningPlan.for_model(model, x.shape)
+    assert plan.base == {"family": "nuclei", "kwargs": model.spec}
     analysis = analyze(model, x)
     keep = {i: torch.arange(g.size // 2) for i, g in enumerate(analysis.groups) if g.prunable}
-    plan.steps.append(prune_(model, analysis, keep))
-    checkpoint.save(tmp_path / "m.safetensors", model, plan)
-    loaded = checkpoint.load(tmp_path / "m.safetensors").eval()
+    plan.prune_(model, analysis, keep)
+    polyprune_ext.save(tmp_path / "m.safetensors", model, plan)
+    loaded = polyprune_ext.load(tmp_path / "m.safetensors").eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
@@ -114,12 +112,13 @@ def test_crossings_and_table():
     assert sweep.crossings(rows, "mse", False) == [(16, "global")]
     for r in rows:
         r.update(dense_mb=10.0, compressed_mb=10.0 / r["cr"])
-    table = sweep.sweep_table(rows)
+    table = sweep.sweep_table(rows, TASK.reported)
     assert "| 16 | 93.75% | 0.8000 | 0.8500 | 0.0500 | 0.0300 | 10.0 | 0.6, 0.6 |" in table
-    assert sweep.crossing_summary(rows)[0] == "- semantic Dice: network-wide ahead from CR 16"
+    assert sweep.crossing_summary(rows, TASK.reported)[0] == "- semantic Dice: network-wide ahead from CR 16"
     ahead = [dict(r, dice=r["dice"] + (0.2 if r["scope"] == "layer" else 0)) for r in rows]
-    assert sweep.crossing_summary(ahead)[0] == "- semantic Dice: layer-wise ahead wherever the scopes differ"
-    assert sweep.crossing_summary([r for r in rows if r["scope"] == "layer"])[0] == \
+    assert sweep.crossing_summary(ahead, TASK.reported)[0] == \
+        "- semantic Dice: layer-wise ahead wherever the scopes differ"
+    assert sweep.crossing_summary([r for r in rows if r["scope"] == "layer"], TASK.reported)[0] == \
         "- semantic Dice: no CR at which the two scopes differ"
 
 
@@ -127,8 +126,8 @@ def test_sweep_prunes_fine_tunes_restores_and_resumes(tmp_path):
     torch.manual_seed(0)
     model = NucleiNet("Unet", "resnet18")
     train, val = nuclei_datasets(None, count=6, size=64, val_count=2)
-    trainer = Trainer(model, train, val, TrainConfig(batch_size=2), out_dir=tmp_path / "trained",
-                      progress=False, loss_fn=nuclei_loss, metrics=NucleiMetrics)
+    trainer = Trainer(model, TASK, train, val, TrainConfig(batch_size=2), out_dir=tmp_path / "trained",
+                      progress=False)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     logged = []
     rows = sweep.compression_sweep(trainer, crs=(1, 4, 16), scopes=("layer", "global"),
@@ -168,8 +167,7 @@ def test_one_shot_point_is_the_trained_model_pruned_once(tmp_path):
     torch.manual_seed(0)
     model = NucleiNet("Unet", "resnet18")
     train, val = nuclei_datasets(None, count=4, size=64, val_count=2)
-    trainer = Trainer(model, train, val, TrainConfig(batch_size=2), progress=False,
-                      loss_fn=nuclei_loss, metrics=NucleiMetrics)
+    trainer = Trainer(model, TASK, train, val, TrainConfig(batch_size=2), progress=False)
     rows = sweep.compression_sweep(trainer, crs=(4, 16), scopes=("global",), gradual=False,
                                    finetune_epochs=0, first=False)
     by_hand = copy.deepcopy(model)

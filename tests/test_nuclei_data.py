@@ -1,4 +1,4 @@
-"""polyprune_ext.nuclei_data: DSB 2018 and label-image folders (built here in tmp_path with Pillow),
+"""polyprune_ext.tasks.nuclei.data: DSB 2018 and label-image folders (built here in tmp_path with Pillow),
 the synthetic H&E set, splits, augmentation and the errors a wrong folder should give."""
 
 from pathlib import Path
@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import dihedral, unnormalize
-
-from polyprune_ext.nuclei_data import (DSB2018Folder, LabelFolder, SyntheticNuclei, nuclei_dataset,
-                                       synthetic_nuclei)
+from polyprune_ext.tasks.images import denormalize as unnormalize
+from polyprune_ext.tasks.nuclei import (DSB2018Folder, LabelFolder, SyntheticNuclei, nuclei_dataset,
+                                        synthetic_nuclei)
+from polyprune_ext.testing import dihedral
 
 DSB = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "dsb2018-stage1-test"
 

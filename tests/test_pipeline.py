@@ -8,11 +8,12 @@ import torch
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
-from polyprune_ext import checkpoint, cli, magnitude  # noqa: E402
-from polyprune_ext.data import SyntheticPolyps  # noqa: E402
-from polyprune_ext.iterative import PruneConfig, iterative_prune  # noqa: E402
-from polyprune_ext.model_stats import model_stats  # noqa: E402
-from polyprune_ext.training import TrainConfig, Trainer, build_model  # noqa: E402
+import polyprune_ext  # noqa: E402
+from polyprune_ext import cli, model_stats  # noqa: E402
+from polyprune_ext.engine import PruneConfig, TrainConfig, Trainer, iterative_prune  # noqa: E402
+from polyprune_ext.models import smp_model  # noqa: E402
+from polyprune_ext.tasks.polyp import TASK, SyntheticPolyps  # noqa: E402
+from polyprune_ext.unstructured import magnitude  # noqa: E402
 
 TINY = ["--size", "64", "--synthetic-count", "16", "--batch-size", "4", "--no-progress"]
 
@@ -21,7 +22,7 @@ def tiny_trainer(out_dir):
     torch.manual_seed(0)
     train = SyntheticPolyps(16, size=64, split="train", val_count=4, augment=True)
     val = SyntheticPolyps(16, size=64, split="val", val_count=4)
-    return Trainer(build_model("Unet", "resnet18"), train, val, TrainConfig(batch_size=4),
+    return Trainer(smp_model("Unet", "resnet18"), TASK, train, val, TrainConfig(batch_size=4),
                    out_dir=out_dir, progress=False)
 
 
@@ -45,7 +46,7 @@ def test_training_checkpoints_every_epoch_and_resumes(tmp_path):
 def test_iterative_pruning_reaches_the_flops_target(tmp_path, schedule):
     trainer = tiny_trainer(tmp_path)
     optimizer = trainer.optimizer
-    rows = iterative_prune(trainer, PruneConfig(reduction=0.4, score_batches=1, finetune_epochs=1,
+    rows = iterative_prune(trainer, PruneConfig(amount=0.4, score_batches=1, finetune_epochs=1,
                                                 finetune_lr=2e-4, **schedule))
     assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9) < rows[-2]["gflops"]
     assert all(0 <= r["dice_pruned"] <= 1 for r in rows[1:])  # measured before each fine-tuning
@@ -55,7 +56,7 @@ def test_iterative_pruning_reaches_the_flops_target(tmp_path, schedule):
         assert len(rows) == 3
         assert rows[1]["gflops"] / rows[0]["gflops"] == pytest.approx(0.6 ** 0.5, abs=0.03)
     assert trainer.optimizer is optimizer  # the same optimizer through every step
-    loaded = checkpoint.load(tmp_path / "model.safetensors").eval()
+    loaded = polyprune_ext.load(tmp_path / "model.safetensors").eval()
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(loaded(x), trainer.model.eval()(x), rtol=0, atol=0)
     assert model_stats(loaded, x).gflops == pytest.approx(rows[-1]["gflops"])
@@ -64,7 +65,7 @@ def test_iterative_pruning_reaches_the_flops_target(tmp_path, schedule):
 @pytest.mark.parametrize("scope", ["global", "layer"])
 def test_magnitude_pruning_scopes(scope):
     torch.manual_seed(0)
-    model = build_model("Unet", "resnet18")
+    model = smp_model("Unet", "resnet18")
     reached = magnitude.magnitude_prune_(model, 0.75, scope=scope)
     tensors = magnitude.prunable_tensors(model)
     assert reached == pytest.approx(0.75, abs=1e-3)
@@ -80,7 +81,7 @@ def test_magnitude_pruning_scopes(scope):
     assert magnitude.sparsity_of(tensors) == pytest.approx(reached)
 
 
-@pytest.mark.parametrize("command", ["train", "prune", "eval", "bench", "demo"])
+@pytest.mark.parametrize("command", ["train", "prune", "sparsify", "eval", "sweep", "demo"])
 def test_every_command_explains_itself(command, capsys):
     with pytest.raises(SystemExit) as exit:
         cli.main([command, "--help"])
@@ -92,7 +93,7 @@ def test_cli_train_prune_eval(tmp_path, capsys):
     cli.main(["train", "--arch", "Unet", "--encoder", "resnet18", "--epochs", "1",
               "--out", str(tmp_path / "trained"), *TINY])
     cli.main(["prune", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "pruned"),
-              "--reduction", "0.3", "--step", "0.3", "--score-batches", "1", "--finetune-epochs", "1", *TINY])
+              "--amount", "0.3", "--step", "0.3", "--score-batches", "1", "--finetune-epochs", "1", *TINY])
     for name in ("report.md", "pruning_log.csv", "pruning_log.json", "dice_vs_flops.png", "model.safetensors"):
         assert (tmp_path / "pruned" / name).exists(), name
     rows = json.loads((tmp_path / "pruned" / "pruning_log.json").read_text())
@@ -100,8 +101,8 @@ def test_cli_train_prune_eval(tmp_path, capsys):
     capsys.readouterr()
     cli.main(["eval", "--checkpoint", str(tmp_path / "pruned"), *TINY])
     assert 0 <= json.loads(capsys.readouterr().out)["dice"] <= 1
-    cli.main(["prune", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sparse"),
-              "--method", "magnitude", "--sparsity", "0.5", "--finetune-epochs", "1", *TINY])
+    cli.main(["sparsify", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sparse"),
+              "--sparsity", "0.5", "--finetune-epochs", "1", *TINY])
     assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
@@ -113,7 +114,7 @@ def test_cli_refuses_a_missing_checkpoint(tmp_path):
 def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
     """A crash during step 2's fine-tuning: resuming finishes that step and reaches the target."""
     trainer = tiny_trainer(tmp_path)
-    config = PruneConfig(reduction=0.4, steps=2, score_batches=1, finetune_epochs=2)
+    config = PruneConfig(amount=0.4, steps=2, score_batches=1, finetune_epochs=2)
     logged = []
 
     def crash_in_step_two(rows):
@@ -134,8 +135,9 @@ def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
 
 
 def test_cli_nuclei_train_and_sweep(tmp_path):
-    cli.main(["nuclei", "train", "--encoder", "resnet18", "--epochs", "1", "--out", str(tmp_path / "trained"), *TINY])
-    cli.main(["nuclei", "sweep", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sweep"),
+    cli.main(["train", "--task", "nuclei", "--encoder", "resnet18", "--epochs", "1",
+              "--out", str(tmp_path / "trained"), *TINY])
+    cli.main(["sweep", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sweep"),
               "--crs", "1", "4", "--finetune-epochs", "1", *TINY])
     for name in ("sweep.md", "sweep.csv", "sweep.json", "sweep.png"):
         assert (tmp_path / "sweep" / name).exists(), name

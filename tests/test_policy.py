@@ -6,11 +6,9 @@ import math
 import pytest
 import torch
 
-from polyprune_ext.dependency import analyze
-from polyprune_ext.model_stats import model_stats
-from polyprune_ext.policy import cost, select_channels
-from polyprune_ext.surgery import prune_
-from test_dependency import Grouped, Tokens, Toy
+from polyprune_ext import analyze, cost, model_stats, select_channels
+from polyprune_ext.structure import prune_
+from polyprune_ext.testing import Grouped, Tokens, Toy
 
 
 def random_scores(analysis, seed=0):
@@ -27,7 +25,7 @@ def models():
 
 
 @pytest.mark.parametrize("target", ["flops", "params", "channels"])
-@pytest.mark.parametrize("scope", ["global", "per_layer"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
 def test_target_met_and_cost_exact(target, scope):
     for name, model, x in models():
         model = copy.deepcopy(model)

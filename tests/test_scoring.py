@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import polyprune_ext
-from polyprune_ext.dependency import analyze
-from polyprune_ext.policy import cost, select_channels
-from polyprune_ext.scoring import magnitude_scores, score, unit_output_gradient
-from test_dependency import Toy, randomize_norms
+from polyprune_ext import analyze, baseline_scores, cost, model_stats, score, select_channels
+from polyprune_ext.scoring.baselines import weight_scores
+from polyprune_ext.scoring.taylor import unit_output_gradient
+from polyprune_ext.testing import Tokens, Toy, randomize_norms
 
 
 def mse(y, target):
@@ -269,20 +269,20 @@ def down_up_group(analysis):
 def test_magnitude_baselines():
     model = toy()
     analysis = analyze(model, data()[0][:1])
-    l1 = magnitude_scores(model, analysis, "l1")
+    l1 = weight_scores(model, analysis, "l1")
     i = down_up_group(analysis)
     expected = model.down.weight.abs().sum((1, 2, 3)) + model.down.bias.abs() + model.up.weight.abs().sum((1, 2, 3))
     torch.testing.assert_close(l1[i], expected.detach())
-    bn = magnitude_scores(model, analysis, "bn_scale")
+    bn = weight_scores(model, analysis, "bn_scale")
     assert torch.isinf(bn[i]).all()  # no norm in that group: never chosen
-    assert_scores_equal(magnitude_scores(model, analysis, "random", seed=3),
-                        magnitude_scores(model, analysis, "random", seed=3), rtol=0)
+    assert_scores_equal(weight_scores(model, analysis, "random", seed=3),
+                        weight_scores(model, analysis, "random", seed=3), rtol=0)
 
 
 def test_l2_baseline_is_the_filter_norm():
     model = toy()
     analysis = analyze(model, data()[0][:1])
-    l2 = magnitude_scores(model, analysis, "l2")
+    l2 = weight_scores(model, analysis, "l2")
     i = down_up_group(analysis)
     expected = (model.down.weight.square().sum((1, 2, 3)) + model.down.bias.square()
                 + model.up.weight.square().sum((1, 2, 3))).sqrt()
@@ -303,9 +303,9 @@ def test_pruner_prunes_and_training_goes_on():
             mse(model(x), target).backward()
         optimizer.step()
         optimizer.zero_grad()
-    before = polyprune_ext.model_stats.model_stats(model, x[:1]).flops
+    before = model_stats(model, x[:1]).flops
     pruner.prune(0.3, target="flops")
-    assert polyprune_ext.model_stats.model_stats(model, x[:1]).flops <= 0.7 * before
+    assert model_stats(model, x[:1]).flops <= 0.7 * before
     assert pruner.stats["batches"] == 0  # scores reset, on a new analysis
     with pruner.scoring():
         mse(model(x), target).backward()
@@ -345,25 +345,24 @@ def test_layer_normalization_and_flops_weighting():
     for i, v in normalized.values.items():
         torch.testing.assert_close(v, plain.values[i] / plain.values[i].norm())
     weighted = score(model, [(x, target)], loss_fn=mse, flops_weighted=True, progress=False)
-    full = polyprune_ext.policy.cost(plain.analysis)["flops"]
+    full = cost(plain.analysis)["flops"]
     for i, v in weighted.values.items():
         size = plain.analysis.groups[i].size
-        per_channel = full - polyprune_ext.policy.cost(plain.analysis, {i: size - 1})["flops"]
+        per_channel = full - cost(plain.analysis, {i: size - 1})["flops"]
         assert per_channel > 0
         torch.testing.assert_close(v * per_channel, plain.values[i])
     both = score(model, [(x, target)], loss_fn=mse, normalize_layers=True, flops_weighted=True,
                  progress=False)
     for i, v in both.values.items():  # normalised first, or the normalisation would cancel the FLOPs
         size = plain.analysis.groups[i].size
-        per_channel = full - polyprune_ext.policy.cost(plain.analysis, {i: size - 1})["flops"]
+        per_channel = full - cost(plain.analysis, {i: size - 1})["flops"]
         torch.testing.assert_close(v * per_channel, normalized.values[i])
-    l1 = score(model, None, criterion="l1", example_input=x[:1])
+    l1 = baseline_scores(model, "l1", example_input=x[:1])
     assert l1.values.keys() == plain.values.keys() and l1.batches == 0
 
 
 @pytest.mark.parametrize("reduce", ["abs_sum", "sum_sq"])
 def test_scores_on_linear_layers_over_channels_last_tokens(reduce):
-    from test_dependency import Tokens
 
     torch.manual_seed(0)
     model = Tokens().double().eval()

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICES
+from polyprune_ext.testing import devices
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from polyprune_ext import magnitude
-from polyprune_ext.sparse_checkpoint import load_compressed, save_compressed
+from polyprune_ext.unstructured import magnitude
+from polyprune_ext.unstructured import load_compressed, save_compressed
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 
@@ -100,7 +100,7 @@ def test_values_come_back_bit_exact(tmp_path, dtype):
     assert torch.signbit(loaded["weight"].view(-1)[3]).item() is False
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_non_contiguous_tensors_on_any_device(tmp_path, device):
     base = torch.randn(6, 8, device=device)
     base[base.abs() < 1] = 0

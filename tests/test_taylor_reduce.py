@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import DEVICES
-from polyprune_ext import ops, reference
+from polyprune_ext.testing import devices
+from polyprune_ext import ops
+from polyprune_ext.ops import reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, C, *spatial): odd sizes, N = 1, C = 1, 0 to 3 spatial dims, an empty batch, and one
@@ -61,7 +62,7 @@ def bound(a, g, scale, mode):
     return z_abs.sum(0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,layout", CASES, ids=str)
 @pytest.mark.parametrize("mode", ops.MODES)
@@ -85,7 +86,7 @@ def test_matches_float64_reference(device, dtype, layout, shape, mode):
     assert ((out.double() - poison.double() - expected).abs() <= tol + add_tol).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_no_scale_means_unit_scale(device, dtype):
     a, g, _ = make((3, 4, 7, 7), dtype, device, "contiguous")
@@ -93,7 +94,7 @@ def test_no_scale_means_unit_scale(device, dtype):
     torch.testing.assert_close(ops.taylor_reduce(a, g), ops.taylor_reduce(a, g, ones), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_mixed_layouts(device, layout):
     a, g, scale = make((2, 8, 9, 11), torch.float32, device, layout)
@@ -103,7 +104,7 @@ def test_mixed_layouts(device, layout):
     assert ((ops.taylor_reduce(a, g, scale, mode="per_sample").double() - expected).abs() <= tol).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bitwise_deterministic(device, layout):
     a, g, scale = make((4, 64, 45, 47), torch.float32, device, layout)
@@ -127,7 +128,7 @@ def test_accumulating_over_batches_equals_one_big_batch():
     torch.testing.assert_close(out, ops.taylor_reduce(a, g, scale, mode="sum"))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", ops.MODES)
 def test_opcheck(device, dtype, mode):
@@ -138,7 +139,7 @@ def test_opcheck(device, dtype, mode):
                           (out, a, g, scale.float(), mode))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", devices())
 def test_torch_compile_fullgraph(device):
     def abs_taylor_score(act, grad, scale):
         return ops.taylor_reduce(act, grad, scale, mode="sum").abs() + 1

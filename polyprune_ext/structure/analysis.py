@@ -1,0 +1,345 @@
+"""Which channels of a model must be removed together: channel groups, found by tracing.
+
+A forward pass on an example input is recorded at the dispatcher, where every aten op the model
+actually executes passes, Python control flow already resolved (torch.fx would stop at it, and the
+autograd graph hides ops that do not need gradients). Functions whose aten pieces lose their
+meaning (F.linear, F.instance_norm) are caught whole one level up, by a TorchFunctionMode.
+
+Every activation gets a *channel space*: the dim that holds its channels, and the list of groups
+whose channels make up that dim, in order. What each op does to spaces is an op *rule*
+(polyprune_ext.structure.rules): convs and linear layers start groups, norms and per-channel
+parameters add slots, adds tie groups, concatenations join spaces, views move the channel dim.
+Users add rules for their own ops or functions with ``@rule`` or ``analyze(..., rules=...)``.
+
+Never guess: an op with no rule, or a rule's precondition not met, freezes every group it
+touches, and the report says which op, in which module, and why. The model's inputs and outputs
+are frozen too (the image channels and the classes are fixed), and so are the channels of
+ignored modules.
+
+Gates. Each group names the module outputs where its channels can be observed and zeroed (for
+scoring, and for the tests' proof that a prune is right): removing a channel is the same as
+zeroing it at all of its gates. A gate is proposed where an op sets a channel's values (a conv, a
+norm, a per-channel scale, an op that does not keep zeros zero such as sigmoid) and becomes a gate
+at the first module output it reaches through zero-keeping ops (activations, pooling, views, adds
+of gated tensors). A proposal read only by per-channel ops (a conv's output read by its batch
+norm) is superseded by theirs and dropped. A group whose channels are consumed where no module
+output can observe them is frozen.
+"""
+
+import collections
+import dataclasses
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .rules import RULES, OpCall, Rule, bind
+from .spaces import ChannelGroup, Gate, Groups, Proposal, Slot, Space
+from .stats import forward_once
+
+# What a proposal set maps to, per group: (proposal, already gated on the way) pairs.
+Origin = dict[int, frozenset]
+
+
+class Tracer(TorchDispatchMode):
+    """The analysis state during the traced forward pass, and the primitives rules use.
+
+    Rules (polyprune_ext.structure.rules) call these methods: ``channels`` to see where a tensor
+    holds its channels, ``follow`` to pass them on unchanged, ``propose`` for an op that sets new
+    channel values, ``read`` for an op that consumes them, ``add_slots`` and ``groups.new`` for
+    the tensors of a layer, ``unknown`` to freeze what cannot be followed."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], rules: Mapping[Any, Rule]):
+        super().__init__()
+        self.tensors = tensors  # parameter or buffer name -> tensor
+        self.rules = rules
+        self.names = {t.untyped_storage().data_ptr(): n for n, t in tensors.items() if t.numel()}
+        self.groups = Groups()
+        self.space: dict[int, Space] = {}  # id(tensor) -> Space
+        # id(tensor) -> {group id: proposals whose gates, zeroed, zero the group's channels in
+        # the tensor}. A group missing from the dict has no such guarantee there.
+        self.origin: dict[int, Origin] = {}
+        self.flops_per_weight: dict[str, int] = {}  # conv/linear weight name -> FLOPs per element
+        self.alive: list[torch.Tensor] = []  # keeps traced tensors alive so their ids stay unique
+        self.stack: list[str] = []  # names of the modules being run, outermost first
+        self.returned: dict[int, list[Proposal]] = {}  # id(module output) -> proposals gated there
+        self.paused = False  # inside a function the function mode handles whole
+
+    # -- spaces and gates ------------------------------------------------------------------------
+
+    def channels(self, t: Any) -> Optional[Space]:
+        return self.space.get(id(t)) if isinstance(t, torch.Tensor) else None
+
+    def set_space(self, t: Any, space: Space, origin: Optional[Origin] = None) -> None:
+        """Give t a space; ``origin`` maps groups to the proposals that gate them in t."""
+        if isinstance(t, torch.Tensor):
+            self.space[id(t)] = space
+            self.origin[id(t)] = origin or {}
+            self.alive.append(t)
+
+    def follow(self, out: Any, x: torch.Tensor, space: Optional[Space] = None) -> None:
+        """``out`` holds ``x``'s channels with the same values (zeros stay zeros), in ``space``
+        (default: x's own)."""
+        self.set_space(out, space or self.space[id(x)], self.origin.get(id(x)))
+
+    def origin_of(self, t: torch.Tensor) -> Origin:
+        return {self.groups.find(g): p for g, p in self.origin.get(id(t), {}).items()}
+
+    def propose(self, out: Any, space: Space) -> None:
+        """The op making ``out`` set the values of its channels: a new gate is proposed there,
+        one per group (each group keeps, or drops, its own)."""
+        self.set_space(out, space, {g: frozenset([(Proposal(), False)]) for g in space.groups})
+
+    def read(self, t: Any, per_channel: bool = False) -> None:
+        """An op reads t's channels. A per-channel op (a norm) sets new values and proposes its
+        own gate; any other reader needs every group's values to be gated in t."""
+        space = self.channels(t)
+        if space is None or per_channel:
+            return
+        origin = self.origin_of(t)
+        for g in space.groups:
+            proposals = origin.get(self.groups.find(g))
+            if (not proposals or not all(gated for _, gated in proposals)) and \
+                    self.groups.get(g).prunable:
+                self.groups.freeze([g], f"its channels are used{self.where()} before any module "
+                                        "output where they could be observed")
+            for proposal, _ in proposals or ():
+                proposal.consumed = True
+
+    def module_output(self, name: str, out: torch.Tensor) -> None:
+        """A module returned ``out``: proposals that reach it become gates of this module.
+        Channels with no gate there, or several (a residual sum, not read on the way), get one
+        new gate here instead: zeroing the sum zeroes all that follows, and the summands need
+        neither a gate nor a copy (torchvision adds the shortcut in place into bn2's output)."""
+        space = self.channels(out)
+        if space is None:
+            return
+        origin, offset = self.origin_of(out), 0
+        for g in space.groups:
+            root, size = self.groups.find(g), self.groups.get(g).size
+            gate = Gate(name, offset, space.dim)
+            proposals = origin.get(root)
+            if not proposals or len({p for p, _ in proposals}) > 1:
+                proposals = frozenset([(Proposal(), False)])
+            gated = set()
+            for proposal, is_gated in proposals:
+                if proposal.module is None:
+                    proposal.module = name
+                    self.returned.setdefault(id(out), []).append(proposal)
+                if proposal.module == name:  # a group repeated in the space gets a gate per block
+                    self.groups.get(g).proposed.append((gate, proposal))
+                gated.add((proposal, is_gated or proposal.module == name))
+            origin[root] = frozenset(gated)
+            offset += size
+        self.origin[id(out)] = origin
+
+    def where(self) -> str:
+        return f" in {self.stack[-1]}" if self.stack else ""
+
+    def unknown(self, inputs: Iterable[Any], why: str) -> None:
+        """Freeze what an op touches. Its outputs are not followed: where their channels are is
+        unknown, and a layer that reads them sees an input of unknown origin."""
+        why += self.where()
+        for t in inputs:
+            space = self.channels(t)
+            if space is not None:
+                self.groups.freeze(space.groups, why)
+
+    def frozen_space(self, t: Any, why: str, dim: int = 1) -> Optional[Space]:
+        """The channels, in ``dim``, of a tensor the rules cannot follow: one frozen group."""
+        if isinstance(t, torch.Tensor) and t.dim() >= 2:
+            dim %= t.dim()
+            self.set_space(t, Space(dim, [self.groups.new(t.shape[dim], frozen=why)]))
+        return self.channels(t)
+
+    def name_of(self, t: Any) -> Optional[str]:
+        """The parameter or buffer name of ``t`` (a view of it too), or None."""
+        return self.names.get(t.untyped_storage().data_ptr()) if isinstance(t, torch.Tensor) else None
+
+    def add_slots(self, space: Space, name: str, dim: int) -> None:
+        """Dim ``dim`` of tensor ``name`` holds the channels of ``space``, in its order."""
+        offset = 0
+        for g in space.groups:
+            self.groups.get(g).slots.append(Slot(name, dim, offset))
+            offset += self.groups.get(g).size
+
+    def split_into_blocks(self, space: Space, blocks: int) -> bool:
+        """Make ``space`` a list of ``blocks`` groups of equal size, each group of it that spans
+        several blocks becoming one smaller group repeated (see repeat); False, changing
+        nothing, when a group boundary falls inside a block."""
+        sizes = self.groups.sizes(space.groups)
+        width = sum(sizes) // blocks
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        if any(size % width or offset % width for size, offset in zip(sizes, offsets)):
+            return False
+        for g in dict.fromkeys(self.groups.find(g) for g in space.groups):
+            if self.groups.get(g).size > width:
+                self.repeat(g, self.groups.get(g).size // width)
+        return True
+
+    def repeat(self, g: int, times: int) -> None:
+        """Group g becomes a group of size / times channels, found ``times`` times in a row wherever
+        g was: channel k now stands for channels k, k + size / times, ... of what g was. Its slots
+        and proposed gates are repeated at each block's offset, and every space lists it ``times``
+        times."""
+        group = self.groups.get(g)
+        width = group.size // times
+        group.size = width
+        group.slots = [dataclasses.replace(s, offset=s.offset + j * width)
+                       for s in group.slots for j in range(times)]
+        group.proposed = [(dataclasses.replace(gate, offset=gate.offset + j * width), p)
+                          for gate, p in group.proposed for j in range(times)]
+        root = self.groups.find(g)
+        for key, space in self.space.items():
+            if any(self.groups.find(h) == root for h in space.groups):
+                self.space[key] = Space(space.dim, [h for h in space.groups for _ in
+                                                    range(times if self.groups.find(h) == root else 1)])
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.paused:
+            return out
+        packet = func.overloadpacket
+        found = self.rules.get(packet)
+        inputs = [t for t in tree_leaves((args, kwargs)) if self.channels(t) is not None]
+        if not inputs and not (found and found.any_input):
+            return out
+        call = OpCall(func, bind(func, args, kwargs), out)
+        first = call.first
+        if first is call.x and packet not in (torch.ops.aten.relu_, torch.ops.aten.hardtanh_):
+            for proposal in self.returned.get(id(call.x), ()):  # changed in place
+                proposal.changed_in_place = True
+        if found is None or found(self, call) is False:
+            self.unknown(inputs, f"{func} is not understood")
+        return out
+
+
+class _Functions(TorchFunctionMode):
+    """Runs the rules written for Python functions (F.linear, F.instance_norm, users' own): the
+    function runs untraced, then its rule sees it as one op."""
+
+    def __init__(self, tracer: Tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        found = self.tracer.rules.get(func)
+        if found is None or self.tracer.paused:
+            return func(*args, **kwargs)
+        self.tracer.paused = True
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            self.tracer.paused = False
+        inputs = [t for t in tree_leaves((args, kwargs)) if self.tracer.channels(t) is not None]
+        if inputs or found.any_input:
+            call = OpCall(func, bind(func, args, kwargs, found.params), out)
+            if found(self.tracer, call) is False:
+                self.tracer.unknown(inputs, f"{getattr(func, '__name__', func)} is not understood")
+        return out
+
+
+@dataclasses.dataclass
+class Analysis:
+    """The channel groups of a model (prunable and frozen), its parameter shapes, and the conv
+    and linear FLOPs per weight element on the example input (for policy.cost)."""
+
+    groups: list[ChannelGroup]
+    shapes: dict[str, tuple[int, ...]]  # parameter or buffer name -> shape
+    flops_per_weight: dict[str, int]  # conv/linear weight name -> FLOPs per weight element
+
+    @property
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def check_prunable(self, i: int) -> None:
+        """ValueError, saying why, unless group ``i`` may be pruned."""
+        if not self.groups[i].prunable:
+            raise ValueError(f"group {i} cannot be pruned: {'; '.join(self.groups[i].frozen)}")
+
+    def report(self) -> str:
+        """The frozen groups and why, one line each."""
+        lines = []
+        for g in self.groups:
+            if g.frozen:
+                where = ", ".join(sorted({gate.module for gate in g.gates})) or "(no module output)"
+                lines.append(f"{g.size} channels at {where}: {'; '.join(g.frozen)}")
+        return "\n".join(lines)
+
+
+def default_ignore(model: torch.nn.Module) -> tuple[str, ...]:
+    """smp's heads, the segmentation head and the optional classification head, are kept whole,
+    also inside a model holding smp models (the nuclei task's two branches)."""
+    return tuple(n for n, m in model.named_modules()
+                 if n.rpartition(".")[2] in ("segmentation_head", "classification_head"))
+
+
+def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterable[str]] = None,
+            *, rules: Optional[Mapping[Any, Callable]] = None) -> Analysis:
+    """Channel groups of ``model`` from one forward pass on ``example_input`` (a tensor or a tuple
+    of positional arguments), run by forward_once. Every activation of that pass is held until
+    it ends (their ids name the channel spaces), so a batch of one is enough and cheapest.
+
+    ``ignore``: names of modules whose output channels are kept (their input channels may still
+    go when the layers before them are pruned). None means smp's heads (default_ignore).
+    ``rules``: op rules for this call, over the registered ones ({op or function: rule};
+    see polyprune_ext.structure.rules)."""
+    ignore = default_ignore(model) if ignore is None else tuple(ignore)
+    names = {id(m): n for n, m in model.named_modules() if n}
+    missing = [n for n in ignore if n not in dict(model.named_modules())]
+    if missing:
+        raise ValueError(f"ignore names modules the model does not have: {missing}")
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    tracer = Tracer(named, {**RULES, **{op: Rule.of(fn) for op, fn in (rules or {}).items()}})
+    for x in tree_leaves(example_input):
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            tracer.frozen_space(x, "model input")
+
+    # A module called more than once (torchvision's BasicBlock uses one ReLU twice) cannot be a
+    # gate: a hook on it would see every call. A first, untraced pass counts the calls.
+    calls: collections.Counter = collections.Counter()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: calls.update([id(module)]))
+    try:
+        forward_once(model, example_input)
+    finally:
+        hook.remove()
+
+    def enter(module, args):
+        if id(module) in names:
+            tracer.stack.append(names[id(module)])
+
+    def leave(module, args, out):
+        if id(module) in names:
+            name = tracer.stack.pop()
+            if not tracer.paused and isinstance(out, torch.Tensor) and calls[id(module)] == 1:
+                tracer.module_output(name, out)
+
+    hooks = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)]
+    try:
+        outputs = forward_once(model, example_input, _Functions(tracer), tracer)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    for y in tree_leaves(outputs):
+        tracer.groups.freeze((tracer.channels(y) or Space(1, [])).groups, "model output")
+    for group in tracer.groups.roots():
+        # Frozen groups keep every gate proposed, to say in the report where they are.
+        group.gates = list(dict.fromkeys(dataclasses.replace(gate, copy=p.changed_in_place)
+                                         for gate, p in group.proposed if p.consumed or group.frozen))
+        if any(gate.module == n or gate.module.startswith(n + ".") for gate in group.gates
+               for n in ignore):
+            group.frozen.append("output channels of an ignored module")
+        if not group.gates and not group.frozen:
+            group.frozen.append("no module output observes its channels")
+        group.proposed = []
+    return Analysis(tracer.groups.roots(), {n: tuple(p.shape) for n, p in model.named_parameters()},
+                    tracer.flops_per_weight)

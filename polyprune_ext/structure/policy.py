@@ -1,0 +1,117 @@
+"""Which channels to remove: a target (channels, parameters or FLOPs, as a fraction to remove or
+a budget to reach), a scope (one global ranking, or the same ratio in every group) and per-group
+limits.
+
+Costs are computed from the Analysis, not by pruning trial copies: every parameter's new size
+follows from how many channels each group keeps in each of its dims, and every convolution's and
+linear layer's FLOPs are its FLOPs per weight element (recorded on the example input) times its
+new weight size. Both are exact for the layers, norms and their parameters the analysis follows,
+including a weight whose input and output channels both shrink.
+"""
+
+import math
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+from .. import choices
+from ..choices import Scope, Target
+from .analysis import Analysis
+
+
+def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None) -> dict[str, int]:
+    """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
+    channels of group ``i`` (every channel of the groups not named)."""
+    kept = kept or {}
+    dim_sizes = {}  # (parameter, dim) -> its size after pruning
+    for i, group in enumerate(analysis.groups):
+        for slot in group.slots:
+            key = (slot.name, slot.dim)
+            dim_sizes[key] = dim_sizes.get(key, 0) + kept.get(i, group.size)
+    numel = {name: math.prod(dim_sizes.get((name, d), n) for d, n in enumerate(shape))
+             for name, shape in analysis.shapes.items()}
+    return {
+        "params": sum(numel.values()),
+        "flops": sum(f * numel[name] for name, f in analysis.flops_per_weight.items()),
+        "channels": sum(kept.get(i, g.size) for i, g in enumerate(analysis.groups) if g.prunable),
+    }
+
+
+def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
+                    amount: Optional[float] = None, at_most: Optional[float] = None,
+                    target: Target = "flops", scope: Scope = "global", min_channels: int = 1,
+                    max_ratio: float = 0.9, round_to: int = 1,
+                    original_sizes: Optional[Sequence[int]] = None) -> dict[int, torch.Tensor]:
+    """The channels to keep, ``{group index: sorted indices}``, removing at least ``amount``
+    (0 to 1) of the model's ``target`` ("channels" of prunable groups, "params" or conv and linear
+    "flops"), or as much as leaves at most ``at_most`` of it (a budget: 2e9 FLOPs, 1000 channels),
+    lowest ``scores[i]`` (one score per channel of group ``i``) first.
+
+    scope "global" ranks every channel of every scored group together (scores must be comparable
+    across groups); "layer" removes the same fraction from each group. No group keeps fewer
+    than ``min_channels`` channels or loses more than ``max_ratio`` of them, and each keeps a
+    multiple of ``round_to`` channels (8 suits tensor cores) unless that exceeds its size. Where the
+    limits stop short of the target, the most they allow is returned, with a warning.
+
+    ``original_sizes`` (the unpruned model's group sizes, in group order) makes ``max_ratio`` bound
+    what all pruning steps together remove: without it, each of several steps could remove 90% of
+    what the last one left, and a layer would shrink to a single channel.
+    """
+    choices.check("target", target, Target)
+    choices.check("scope", scope, Scope)
+    if (amount is None) == (at_most is None):
+        raise ValueError("give either amount (the fraction to remove) or at_most (a budget)")
+    if at_most is not None:
+        full = cost(analysis)[target]
+        if not 0 < at_most:
+            raise ValueError(f"at_most is the {target} to keep, above 0; got {at_most}")
+        amount = max(0.0, 1 - at_most / full)
+    if not 0 <= amount < 1:
+        raise ValueError(f"amount is the fraction to remove, in [0, 1); got {amount}")
+    if original_sizes is not None and len(original_sizes) != len(analysis.groups):
+        raise ValueError(f"original_sizes has {len(original_sizes)} groups, the model "
+                         f"{len(analysis.groups)}: it must come from the same model before pruning")
+    groups, ranking = {}, []  # ranking: (score, group) of every scored channel, lowest first
+    for i, s in scores.items():
+        analysis.check_prunable(i)
+        group = analysis.groups[i]
+        s = torch.as_tensor(s, dtype=torch.float64).flatten()
+        if s.numel() != group.size:
+            raise ValueError(f"scores[{i}] has {s.numel()} values for a group of {group.size} channels")
+        original = group.size if original_sizes is None else original_sizes[i]
+        floor = min(group.size, max(min_channels, math.ceil(original * (1 - max_ratio))))
+        groups[i] = (s.argsort(descending=True), floor)  # best first
+        ranking += [(float(v), i) for v in s]
+    ranking.sort()
+    full = cost(analysis)[target]
+
+    def kept_counts(step: int, steps: int) -> dict:
+        if scope == "global":  # the `step` lowest-scored channels of the ranking go
+            removed = dict.fromkeys(groups, 0)
+            for _, i in ranking[:step]:
+                removed[i] += 1
+        else:
+            removed = {i: analysis.groups[i].size * step // steps for i in groups}
+        counts = {}
+        for i, (_, floor) in groups.items():
+            size = analysis.groups[i].size
+            k = max(floor, size - removed[i])
+            counts[i] = min(size, math.ceil(k / round_to) * round_to)
+        return counts
+
+    def reached(step: int, steps: int) -> bool:
+        return cost(analysis, kept_counts(step, steps))[target] <= (1 - amount) * full
+
+    steps = len(ranking) if scope == "global" else 1000
+    low, high = 0, steps  # the smallest step that reaches the target, by bisection
+    if not reached(high, steps):
+        warnings.warn(f"the limits allow removing only "
+                      f"{1 - cost(analysis, kept_counts(high, steps))[target] / full:.1%} of the "
+                      f"{target}, short of {amount:.1%}")
+        low = high
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if reached(middle, steps) else (middle + 1, high)
+    counts = kept_counts(low, steps)
+    return {i: groups[i][0][:k].sort().values for i, k in counts.items() if k < analysis.groups[i].size}

@@ -1,0 +1,482 @@
+"""Op rules: what each op does to the channel spaces of its inputs and outputs.
+
+A rule is a function ``rule(tracer, call)`` registered for aten ops (their overload packets, e.g.
+``aten.convolution``) or for Python functions that are caught whole (``F.linear``). ``call``
+holds the op's arguments bound by name from its schema (``call["groups"]``), its result
+(``call.out``, ``call.first``) and its first argument (``call.x``); the rule uses the tracer's
+primitives (polyprune_ext.structure.analysis.Tracer) and returns False when the op is used in
+a way it does not follow, which freezes every group the op touches. An op without a rule is
+frozen the same way: the analysis never guesses.
+
+A rule for your own op or function, registered for every analysis or passed to one call:
+
+    @polyprune_ext.rule(torch.ops.mylib.channel_scale)   # out = x * weight[None, :, None, None]
+    def channel_scale(t, call):
+        space = t.channels(call.x)
+        if space is None or space.dim != 1:
+            return False
+        t.add_slots(space, t.name_of(call["weight"]), 0)   # weight dim 0 follows the channels
+        t.read(call.x, per_channel=True)
+        t.propose(call.out, space)                          # new values: a gate goes here
+
+    analysis = polyprune_ext.analyze(model, x, rules={my_function: my_rule})
+"""
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .spaces import Space
+
+aten = torch.ops.aten
+
+
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+    """One op as a rule sees it: ``func``, its arguments by name, and what it returned."""
+
+    func: Any
+    args: dict[str, Any]
+    out: Any
+
+    def __getitem__(self, name: str) -> Any:
+        return self.args[name]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.args.get(name, default)
+
+    @property
+    def x(self) -> Any:
+        """The first argument (the input activation of most ops)."""
+        return next(iter(self.args.values()), None)
+
+    @property
+    def first(self) -> Any:
+        """The first output (the only one of most ops)."""
+        return self.out[0] if isinstance(self.out, (tuple, list)) else self.out
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """A rule function with how to call it. ``any_input``: also run when no argument carries
+    traced channels (layers that start channels from any input); ``params``: the argument names
+    of a Python function whose signature cannot be read (builtins such as torch._C._nn.linear)."""
+
+    fn: Callable
+    any_input: bool = False
+    params: Optional[tuple[str, ...]] = None
+
+    def __call__(self, tracer, call: OpCall) -> Optional[bool]:
+        return self.fn(tracer, call)
+
+    @classmethod
+    def of(cls, fn: Callable) -> "Rule":
+        return fn if isinstance(fn, Rule) else cls(fn)
+
+
+RULES: dict[Any, Rule] = {}
+
+
+def rule(*ops: Any, any_input: bool = False, params: Optional[Sequence[str]] = None) -> Callable:
+    """Register the decorated function as the rule of ``ops`` (aten overload packets, custom ops
+    or Python functions) for every analysis; returns the function unchanged."""
+    def register(fn: Callable) -> Callable:
+        for op in ops:
+            RULES[op] = Rule(fn, any_input, tuple(params) if params else None)
+        return fn
+    return register
+
+
+def bind(func: Any, args: Sequence, kwargs: dict, params: Optional[Sequence[str]] = None) -> dict:
+    """The arguments of a call by name: from the op schema (defaults filled in) for ops, from
+    ``params`` or the signature for Python functions."""
+    schema = getattr(func, "_schema", None)
+    if schema is not None:
+        bound = dict(zip((a.name for a in schema.arguments), args), **kwargs)
+        for a in schema.arguments:
+            if a.name not in bound and a.has_default_value():
+                bound[a.name] = a.default_value
+        return bound
+    if params is None:
+        signature = inspect.signature(func)
+        params = list(signature.parameters)
+        defaults = {n: p.default for n, p in signature.parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    else:
+        defaults = {}
+    return {**defaults, **dict(zip(params, args)), **kwargs}
+
+
+# -- layers ------------------------------------------------------------------------------------
+
+
+@rule(aten.convolution, any_input=True)
+def convolution(t, call):
+    x, weight, bias, out = call["input"], call["weight"], call["bias"], call.out
+    transposed, groups = call["transposed"], call["groups"]
+    name, bias_name = t.name_of(weight), t.name_of(bias)
+    space = t.channels(x) or t.frozen_space(x, f"{call.func} input of unknown origin")
+    module = name.rsplit(".", 1)[0] if name else None
+    if name is None or bias is not None and bias_name is None:
+        return t.unknown([x], f"{call.func} with a weight or bias that is not a parameter")
+    if space.dim != 1:
+        return t.unknown([x], f"{call.func} reads dim 1, the channels are in dim {space.dim}")
+    in_channels, out_channels = x.shape[1], out.shape[1]
+    # Every weight element is one multiply-add (2 FLOPs) per position of the output (of the
+    # input, for a transposed conv) in every sample: the count torch.utils.flop_counter gives.
+    positions = (x if transposed else out).shape[2:].numel() * out.shape[0]
+    t.flops_per_weight[name] = t.flops_per_weight.get(name, 0) + 2 * positions
+    if groups == 1:
+        t.read(x)
+        t.add_slots(space, name, 0 if transposed else 1)
+        group = t.groups.new(out_channels)
+        t.add_slots(Space(1, [group]), name, 1 if transposed else 0)
+        if bias_name:
+            t.add_slots(Space(1, [group]), bias_name, 0)
+        t.propose(out, Space(1, [group]))
+    elif groups == in_channels == out_channels and not transposed:  # depthwise: per channel
+        t.read(x, per_channel=True)
+        t.add_slots(space, name, 0)
+        if bias_name:
+            t.add_slots(space, bias_name, 0)
+        t.propose(out, space)
+    elif not transposed and in_channels > groups and t.split_into_blocks(space, groups):
+        grouped_convolution(t, x, out, groups, name, bias_name)
+    else:
+        t.unknown([x], f"{module}: grouped convolution ({groups} groups) whose input "
+                       "channels do not split into whole groups' blocks")
+
+
+def grouped_convolution(t, x, out, groups, name, bias_name):
+    """Conv group j reads input channels [j * wi, (j + 1) * wi) and writes output channels
+    [j * wo, (j + 1) * wo); every conv group must keep as many channels as the others. So the
+    same local channel goes from every conv group: the input space, already split into
+    ``groups`` blocks of wi, is tied block to block, and the output is one group of wo
+    channels repeated ``groups`` times (ResNeXt, RegNet)."""
+    space = t.channels(x)
+    t.read(x)
+    for block in space.groups[1:]:
+        t.groups.tie(space.groups[0], block, "grouped convolution")
+    t.add_slots(Space(1, space.groups[:1]), name, 1)  # weight dim 1 is local
+    group = t.groups.new(out.shape[1] // groups)
+    repeated = Space(1, [group] * groups)
+    t.add_slots(repeated, name, 0)
+    if bias_name:
+        t.add_slots(repeated, bias_name, 0)
+    t.propose(out, repeated)
+
+
+@rule(F.linear, torch._C._nn.linear, any_input=True, params=("input", "weight", "bias"))
+def linear(t, call):
+    x, weight, bias, out = call["input"], call["weight"], call.get("bias"), call.out
+    space, name, bias_name = t.channels(x), t.name_of(weight), t.name_of(bias)
+    space = space or t.frozen_space(x, "linear input of unknown origin", dim=-1)
+    if name is None or bias is not None and bias_name is None:
+        return t.unknown([x], "linear with a weight or bias that is not a parameter")
+    if space.dim != x.dim() - 1:
+        return t.unknown([x], f"linear reads the last dim, the channels are in dim {space.dim}")
+    t.read(x)
+    t.add_slots(space, name, 1)
+    positions = out.numel() // out.shape[-1]  # 2 FLOPs per weight element at each position
+    t.flops_per_weight[name] = t.flops_per_weight.get(name, 0) + 2 * positions
+    group = Space(out.dim() - 1, [t.groups.new(out.shape[-1])])
+    t.add_slots(group, name, 0)
+    if bias_name:
+        t.add_slots(group, bias_name, 0)
+    t.propose(out, group)
+
+
+def per_channel_norm(t, x, tensors, out, what):
+    """A norm with statistics and parameters per channel of dim 1 (batch or instance norm)."""
+    space = t.channels(x)
+    names = [t.name_of(v) for v in tensors if v is not None]
+    if space is None:
+        return
+    if None in names or space.dim != 1:
+        return t.unknown([x], f"{what} with tensors that are not the model's, or channels "
+                              "outside dim 1")
+    t.read(x, per_channel=True)
+    for name in names:
+        t.add_slots(space, name, 0)
+    t.propose(out, space)
+
+
+@rule(aten.native_batch_norm, aten._native_batch_norm_legit_no_training,
+      aten._native_batch_norm_legit, aten.cudnn_batch_norm)
+def batch_norm(t, call):
+    tensors = [call.get(n) for n in ("weight", "bias", "running_mean", "running_var")]
+    per_channel_norm(t, call.x, tensors, call.first, str(call.func))
+
+
+@rule(F.instance_norm, params=("input", "running_mean", "running_var", "weight", "bias"))
+def instance_norm(t, call):
+    tensors = [call.get(n) for n in ("running_mean", "running_var", "weight", "bias")]
+    per_channel_norm(t, call["input"], tensors, call.out, "instance norm")
+
+
+@rule(aten.native_group_norm)
+def group_norm(t, call):
+    x = call.x
+    if t.channels(x) is not None and call["group"] == x.shape[1]:  # one channel per group
+        return per_channel_norm(t, x, [call["weight"], call["bias"]], call.first, str(call.func))
+    t.unknown([x], f"group norm of {x.shape[1] // call['group']} channels per group: "
+                   "removing one would change the others")
+
+
+@rule(aten.native_layer_norm)
+def layer_norm(t, call):
+    x, space = call.x, t.channels(call.x)
+    normalized = range(x.dim() - len(call["normalized_shape"]), x.dim())
+    if space is None or space.dim in normalized:
+        return t.unknown([x], "layer norm normalizes across channels: removing one would "
+                              "change the others")
+    t.read(x)  # its weights are per position, not per channel
+    t.propose(call.first, space)
+
+
+# -- element-wise and spatial ops --------------------------------------------------------------
+
+
+def _same_shape(t, call) -> bool:
+    return isinstance(call.first, torch.Tensor) and t.channels(call.x) is not None and \
+        call.first.shape == call.x.shape
+
+
+@rule(aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.hardtanh, aten.hardtanh_,
+      aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_,
+      aten.mish, aten.tanh, aten.clone, aten.detach, aten.alias, aten._to_copy, aten.dropout,
+      aten.native_dropout)
+def zero_keeping(t, call):
+    """Element-wise ops that map zero to zero: the output keeps the input's space and gates."""
+    if not _same_shape(t, call):
+        return False
+    t.follow(call.first, call.x)
+
+
+@rule(aten.sigmoid, aten.sigmoid_, aten.hardsigmoid, aten.exp, aten.clamp, aten.softplus)
+def value_setting(t, call):
+    """Element-wise ops that do not keep zeros zero: the output needs a gate of its own."""
+    if not _same_shape(t, call):
+        return False
+    t.read(call.x)
+    t.propose(call.first, t.channels(call.x))
+
+
+@rule(aten._softmax)
+def softmax(t, call):
+    if not _same_shape(t, call) or call["dim"] % call.x.dim() == t.channels(call.x).dim:
+        return False
+    t.read(call.x)
+    t.propose(call.first, t.channels(call.x))
+
+
+@rule(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, aten.avg_pool2d,
+      aten.avg_pool3d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
+      aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.reflection_pad2d,
+      aten.replication_pad2d, aten.constant_pad_nd)
+def spatial(t, call):
+    """Ops over the dims after the channels (dim 1) that keep zeros zero (a padding with
+    another value sets new values)."""
+    x, first, space = call.x, call.first, t.channels(call.x)
+    if space is None or space.dim != 1 or first.dim() != x.dim() or first.shape[1] != x.shape[1]:
+        return False
+    if call.func.overloadpacket is aten.constant_pad_nd and call["value"] != 0:
+        t.read(x)
+        t.propose(first, space)
+    else:
+        t.follow(first, x)
+
+
+@rule(aten.empty, aten.zeros, aten.ones, aten.full, aten.randn, aten.rand, aten.arange,
+      aten.zeros_like, aten.ones_like, aten.empty_like)
+def source(t, call):
+    """Ops that create tensors from nothing, or read only shapes: nothing to follow."""
+
+
+@rule(aten.mean, aten.sum, aten.amax, aten.amin)
+def reduction(t, call):
+    """Reductions over other dims than the channels pass the space on."""
+    x, out, space = call.x, call.first, t.channels(call.x)
+    dims = call.get("dim")
+    dims = dims if isinstance(dims, (int, list, tuple)) else ()
+    dims = {d % x.dim() for d in ([dims] if isinstance(dims, int) else dims or range(x.dim()))}
+    if space is None or space.dim in dims:
+        return False
+    keepdim = out.dim() == x.dim()
+    dim = space.dim if keepdim else space.dim - sum(d < space.dim for d in dims)
+    t.follow(out, x, Space(dim, space.groups))
+
+
+# -- views and indexing ------------------------------------------------------------------------
+
+
+@rule(aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.unsqueeze, aten.squeeze,
+      aten.permute, aten.transpose, aten.t)
+def view(t, call):
+    """Views and permutes that keep the channel dim whole move it; others are not followed."""
+    x, out, space, packet = call.x, call.first, t.channels(call.x), call.func.overloadpacket
+    if space is None:
+        return False
+    if packet in (aten.permute, aten.transpose, aten.t):
+        order = list(range(x.dim()))
+        if packet is aten.t:
+            order.reverse()
+        elif packet is aten.transpose:
+            a, b = call["dim0"] % x.dim(), call["dim1"] % x.dim()
+            order[a], order[b] = order[b], order[a]
+        else:
+            order = [d % x.dim() for d in call["dims"]]
+        dim = order.index(space.dim)
+    else:  # same elements in the same order: the channel dim survives where the
+        # elements before it, and its size, are the same
+        before = x.shape[:space.dim].numel()
+        candidates = [d for d in range(out.dim()) if out.shape[:d].numel() == before
+                      and out.shape[d] == x.shape[space.dim]]
+        if packet is aten.expand:  # aligned from the right
+            candidates = [space.dim + out.dim() - x.dim()]
+        if not candidates:
+            return False
+        dim = candidates[0]
+    t.follow(out, x, Space(dim, space.groups))
+
+
+@rule(aten.select, aten.slice, aten.split, aten.split_with_sizes, aten.unbind)
+def index(t, call):
+    """select, slice, split, unbind: across other dims the space passes; along the channels,
+    pieces that are whole groups map back to them."""
+    x, space, packet = call.x, t.channels(call.x), call.func.overloadpacket
+    if space is None:
+        return False
+    dim = call.get("dim", 0) % x.dim()
+    pieces = list(call.out) if isinstance(call.out, (tuple, list)) else [call.out]
+    if dim != space.dim:
+        if packet in (aten.select, aten.unbind):
+            new = Space(space.dim - (dim < space.dim), space.groups)
+        else:
+            new = space
+        for piece in pieces:
+            t.follow(piece, x, new)
+        return
+    if packet in (aten.select, aten.unbind):
+        return False
+    if packet is aten.slice:
+        if call["step"] != 1:
+            return False
+        start, _, _ = slice(call["start"], call["end"]).indices(x.shape[dim])
+        bounds = [(start, start + call.out.shape[dim])]
+    else:
+        sizes = [p.shape[dim] for p in pieces]
+        bounds = [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+    offsets, o = [], 0
+    for size in t.groups.sizes(space.groups):
+        offsets.append(o)
+        o += size
+    offsets.append(o)
+    if any(a not in offsets or b not in offsets for a, b in bounds):
+        return False  # a piece would cut a group
+    for piece, (a, b) in zip(pieces, bounds):
+        t.follow(piece, x, Space(space.dim, space.groups[offsets.index(a):offsets.index(b)]))
+
+
+# -- several activations -----------------------------------------------------------------------
+
+
+def per_channel_operand(t, other, like):
+    """The Slot dim of a parameter or buffer ``other`` that holds one value per channel of the
+    activation ``like`` when broadcast against it; None if it is constant along them, False if
+    it varies in a way the rules do not follow."""
+    space = t.channels(like)
+    if not isinstance(other, torch.Tensor):
+        return None
+    i = space.dim - (like.dim() - other.dim())  # other's dim that lines up with like's channels
+    if not 0 <= i < other.dim() or other.shape[i] == 1:
+        return None
+    name = t.name_of(other)
+    if name is None or other.numel() != other.shape[i]:
+        return False
+    param = t.tensors[name]
+    dims = [d for d, n in enumerate(param.shape) if n != 1]
+    return dims[0] if len(dims) == 1 and param.shape[dims[0]] == other.shape[i] else False
+
+
+@rule(aten.add, aten.add_, aten.sub, aten.sub_, aten.mul, aten.mul_, aten.div, aten.div_)
+def elementwise(t, call):
+    """Two activations: their groups are tied (a residual sum, an attention product). One
+    activation and a per-channel parameter: a layer scale or a bias, slots of its groups."""
+    a, b, out, func = call.x, call.get("other"), call.first, call.func
+    sa, sb = t.channels(a), t.channels(b)
+    packet = func.overloadpacket
+    product = packet in (aten.mul, aten.mul_, aten.div, aten.div_)
+    if sa is not None and sb is not None:
+        if a.dim() - sa.dim != b.dim() - sb.dim or a.shape[sa.dim] != b.shape[sb.dim]:
+            if b.dim() - sa.dim > 0 and b.shape[b.dim() - (a.dim() - sa.dim)] == 1:
+                sb = None  # b is broadcast along a's channels (a spatial attention map)
+            elif a.dim() - sb.dim > 0 and a.shape[a.dim() - (b.dim() - sb.dim)] == 1:
+                sa = None
+            else:
+                return t.unknown([a, b], f"{func} of channels that do not line up")
+    if sa is not None and sb is not None:
+        if t.groups.sizes(sa.groups) != t.groups.sizes(sb.groups):
+            return t.unknown([a, b], f"{func} of differently concatenated channels")
+        for ga, gb in zip(sa.groups, sb.groups):
+            t.groups.tie(ga, gb, str(func))
+        oa, ob = t.origin_of(a), t.origin_of(b)
+        if packet in (aten.div, aten.div_):
+            t.read(b)
+        origin = {}
+        for g in sa.groups:
+            g = t.groups.find(g)
+            if product:  # zero when a is zero
+                origin[g] = oa.get(g) or (ob.get(g) if packet in (aten.mul, aten.mul_) else None)
+            elif g in oa and g in ob:  # a sum is zero when both are
+                origin[g] = oa[g] | ob[g]
+        t.set_space(out, Space(out.dim() - (a.dim() - sa.dim), sa.groups),
+                    {g: p for g, p in origin.items() if p})
+        return
+    x, other = (a, b) if sa is not None else (b, a)
+    space = t.channels(x)
+    if x is b and packet in (aten.div, aten.div_, aten.sub, aten.sub_):
+        return t.unknown([x], f"{func} with the activation as second operand")
+    dim = per_channel_operand(t, other, x)
+    if dim is False:
+        return t.unknown([x], f"{func} with a per-channel operand that is not traced")
+    new = Space(out.dim() - (x.dim() - space.dim), space.groups)
+    if dim is not None:  # a per-channel parameter: a layer scale, or a bias
+        t.add_slots(space, t.name_of(other), dim)
+    if product:  # zero stays zero
+        t.follow(out, x, new)
+    else:
+        t.read(x, per_channel=True)
+        t.propose(out, new)
+
+
+@rule(aten.cat, aten.stack)
+def join(t, call):
+    """Concatenation along the channels joins spaces (U-Net skips); stacking, or concatenating
+    along another dim, puts the inputs' channels in one dim: their groups are tied."""
+    tensors, out, func = call["tensors"], call.first, call.func
+    spaces = [t.channels(x) or t.frozen_space(x, f"{func} input of unknown origin") for x in tensors]
+    dims = {x.dim() - s.dim for x, s in zip(tensors, spaces)}  # channel dims from the right
+    if len(dims) != 1:
+        return t.unknown(tensors, f"{func} of tensors with channels in different dims")
+    channel_dim = out.dim() - dims.pop()
+    origins = [t.origin_of(x) for x in tensors]
+    if func.overloadpacket is aten.cat and call["dim"] % out.dim() == channel_dim:
+        groups = [g for s in spaces for g in s.groups]
+        origin = {g: p for o in origins for g, p in o.items()}
+        return t.set_space(out, Space(channel_dim, groups), origin)
+    first = spaces[0]
+    for s in spaces[1:]:
+        if t.groups.sizes(s.groups) != t.groups.sizes(first.groups):
+            return t.unknown(tensors, f"{func} of differently concatenated channels")
+        for ga, gb in zip(first.groups, s.groups):
+            t.groups.tie(ga, gb, str(func))
+    origin = {}
+    for g in first.groups:
+        g = t.groups.find(g)
+        if all(g in o for o in origins):
+            origin[g] = frozenset().union(*(o[g] for o in origins))
+    t.set_space(out, Space(channel_dim, first.groups), origin)
