@@ -2,7 +2,7 @@
 
 For each data set (--data: a DSB2018 folder, a label-image folder or "synthetic"; several may be
 given), the two-branch NucleiNet is trained from scratch once (its checkpoint is reused when
---out holds a finished one), then polyprune_ext.sweep runs every compression ratio with both
+--out holds a finished one), then polyprune_ext.engine.sweep runs every compression ratio with both
 scopes, fine-tuning --finetune-epochs after each (gradual by default; an interrupted sweep
 resumes after the points in its sweep.json). Prints, and appends to
 benchmarks/RESULTS.md: the unpruned metrics, the sweep table (semantic Dice, regression MSE,
@@ -15,16 +15,19 @@ which prunes small layers as hard as large ones, fall behind.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 import torch
+
+from _common import add_options, append_if_asked, heading
 from torch.nn.utils import prune
 
-from polyprune_ext import magnitude, report, sweep
-from polyprune_ext.nuclei import NucleiMetrics, NucleiNet, nuclei_datasets, nuclei_loss
-from polyprune_ext.training import TrainConfig, Trainer, seed_everything
+from polyprune_ext.engine import TrainConfig, Trainer, report, seed_everything, sweep
+from polyprune_ext.tasks.nuclei import TASK, NucleiMetrics, NucleiNet, nuclei_datasets
+from polyprune_ext.unstructured import magnitude
 
 # metric, higher is better, the CR the issue asks it to survive within 2%
 TARGETS = (("dice", True, 16), ("mse", False, 20), ("aji", True, 5))
@@ -36,8 +39,8 @@ def trainer(model, args, data, out_dir):
         common["count"] = args.synthetic_count
     train, val = nuclei_datasets(None if data == "synthetic" else data, **common)
     config = TrainConfig(batch_size=args.batch_size, lr=args.lr, seed=0)
-    return Trainer(model, train, val, config, device=args.device, out_dir=out_dir, progress=False,
-                   loss_fn=nuclei_loss, metrics=NucleiMetrics), len(train), len(val)
+    return Trainer(model, TASK, train, val, config, device=args.device, out_dir=out_dir,
+                   progress=False), len(train), len(val)
 
 
 def largest_cr_within(rows, base, metric, higher, scope, tolerance=0.02):
@@ -55,7 +58,7 @@ def sensitivity(t, sparsity, count):
     """Markdown rows: for each network of the trained model, the ``count`` convs whose magnitude
     pruning alone, to ``sparsity`` and without fine-tuning, hurts its own metric most (semantic:
     Dice, regression: MSE)."""
-    t.metrics = lambda: NucleiMetrics(instances=False)  # pixel metrics: no watershed needed
+    t.task = dataclasses.replace(TASK, metrics=lambda: NucleiMetrics(instances=False))  # no watershed
     base = t.evaluate()
     rows = [f"| network | conv | weights | {sparsity:.0%} of it pruned: Dice | MSE |", "|---|---|---|---|---|"]
     for net_name, network in t.model.networks().items():
@@ -70,7 +73,7 @@ def sensitivity(t, sparsity, count):
             found.append((r["dice"], r["mse"], names[id(module)], original.numel()))
         worst = sorted(found, key=lambda f: -f[1] if net_name == "regression" else f[0])[:count]
         rows += [f"| {net_name} | {n} | {w} | {d:.4f} | {m:.4f} |" for d, m, n, w in worst]
-    t.metrics = NucleiMetrics
+    t.task = TASK
     return [f"Unpruned, pixel metrics: Dice {base['dice']:.4f}, MSE {base['mse']:.5f}", ""] + rows
 
 
@@ -92,7 +95,7 @@ def run(args, data, out):
                                    out_dir=out / "points",
                                    rows=json.loads(logged.read_text()) if logged.exists() else None,
                                    on_row=lambda rows: report.write_rows(rows, out, "sweep"))
-    sweep.plot_sweep(rows, out / "sweep.png", title=f"{data}: magnitude pruning")
+    sweep.plot_sweep(rows, TASK.reported, out / "sweep.png", title=f"{data}: magnitude pruning")
     dense = [name for name, keep in (("first", args.keep_first), ("last", args.keep_last)) if keep]
     kept = f"; the {' and '.join(dense)} conv of each network kept dense" if dense else ""
     lines = [f"### Nuclei, {data} ({n_train} train / {n_val} val images at {args.size}x{args.size}), "
@@ -101,8 +104,8 @@ def run(args, data, out):
              f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}"
              f"{kept}, {time.time() - start:.0f} s", "",
              f"Unpruned: Dice {base['dice']:.4f}, MSE {base['mse']:.5f}, AJI {base['aji']:.4f}, "
-             f"PQ {base['pq']:.4f}", "", sweep.sweep_table(rows), "",
-             *(sweep.crossing_summary(rows) if len(args.scopes) == 2 else [])]
+             f"PQ {base['pq']:.4f}", "", sweep.sweep_table(rows, TASK.reported), "",
+             *(sweep.crossing_summary(rows, TASK.reported) if len(args.scopes) == 2 else [])]
     # Two references: the trained model, and the CR 1 point (the same fine-tuning, nothing
     # pruned), which separates what pruning costs from what the extra epochs change.
     control = {s: next((r for r in rows if r["scope"] == s and r["cr"] == 1), None) for s in args.scopes}
@@ -149,17 +152,15 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/bench_nuclei")
-    parser.add_argument("--no-append", action="store_true")
+    add_options(parser)
     args = parser.parse_args()
-    from bench_ops import append_results, heading
 
     lines = heading(args.device)
     for data in args.data:
         name = "synthetic" if data == "synthetic" else Path(data).name
         lines += run(args, data, Path(args.out) / name) + [""]
     print("\n".join(lines))
-    if not args.no_append:
-        append_results(lines)
+    append_if_asked(lines, args)
 
 
 if __name__ == "__main__":

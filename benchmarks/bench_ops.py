@@ -26,23 +26,19 @@ self_cpu_memory_usage in torch.profiler with profile_memory=True).
 import argparse
 import collections
 import math
-import os
-import shlex
-import subprocess
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.benchmark import Timer
 
-import polyprune_ext
-from polyprune_ext import ops, reference
+from _common import add_options, append_if_asked, heading, setup
+from polyprune_ext import ops
+from polyprune_ext.ops import reference
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
 VARIANTS = ("fused", "eager sum", "einsum", "compile", "x.sum()")
@@ -210,44 +206,13 @@ def compaction_section(report, weight_shapes, device, count, repeats):
                  + " | ".join(cells) + " |")
 
 
-def git_commit():
-    """Short HEAD, "+dirty" if tracked files changed; "no commits yet" in a fresh repository."""
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True,
-                                    cwd=RESULTS.parent).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") or "no commits yet"
-    dirty = any(not line.startswith("??") for line in git("status", "--porcelain").splitlines())
-    return commit + ("+dirty" if dirty else "")
-
-
-def machine(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    models = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
-    return f"{models[0] if models else 'unknown CPU'}, {os.cpu_count()} cores"
-
-
-def heading(device):
-    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return [f"## {device}: {machine(device)}, {now}", "", f"- git commit: {git_commit()}",
-            f"- torch: {torch.__version__}, threads: {torch.get_num_threads()}",
-            f"- build_info: {polyprune_ext.build_info()}",
-            f"- command: `python {shlex.join(sys.argv)}`", ""]
-
-
-def append_results(report):
-    if not RESULTS.exists():
-        RESULTS.write_text("# Benchmark results\n\nRuns of benchmarks/bench_ops.py, newest last: "
-                           "the fused ops against eager PyTorch, torch.compile and bandwidth.\n")
-    with RESULTS.open("a") as f:
-        f.write("\n" + "\n".join(report) + "\n")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--quick", action="store_true", help="batch 2, short timings: a smoke test")
-    parser.add_argument("--no-append", action="store_true", help="do not write benchmarks/RESULTS.md")
+    add_options(parser)
     args = parser.parse_args()
+    setup(args)
     torch.manual_seed(0)
     batch, min_run_time, weights, repeats = (2, 0.02, 2, 2) if args.quick else (16, 0.3, 4, 7)
     shapes, weight_shapes = unet_shapes(batch)
@@ -257,8 +222,7 @@ def main():
     reduction_section(report, shapes, args.device, min_run_time)
     emit(report, "", "### Compaction to 50% of channels, float32", "")
     compaction_section(report, weight_shapes, args.device, weights, repeats)
-    if not args.no_append:
-        append_results(report)
+    append_if_asked(report, args)
 
 
 if __name__ == "__main__":

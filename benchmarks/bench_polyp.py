@@ -29,28 +29,27 @@ from pathlib import Path
 
 import torch
 
-from polyprune_ext import checkpoint, report, score, speed
-from polyprune_ext.data import polyp_dataset
-from polyprune_ext.iterative import PruneConfig, iterative_prune
-from polyprune_ext.metrics import dice_bce_loss
-from polyprune_ext.model_stats import model_stats
-from polyprune_ext.policy import select_channels
-from polyprune_ext.surgery import prune_
-from polyprune_ext.training import TrainConfig, Trainer, build_model, seed_everything
+from _common import add_options, append_if_asked, heading
 
-CRITERIA = {"normalized": ("taylor", "normalized"), "loss": ("taylor", "loss"),
-            "taylor-random": ("taylor", "random"), "l1": ("l1", "normalized"),
+import polyprune_ext
+from polyprune_ext import model_stats, select_channels, speed
+from polyprune_ext.engine import PruneConfig, TrainConfig, Trainer, iterative_prune, report, seed_everything
+from polyprune_ext.engine.iterative import step_scores
+from polyprune_ext.models import smp_model
+from polyprune_ext.tasks.metrics import dice_bce_loss
+from polyprune_ext.tasks.polyp import TASK
+
+# name in the tables -> (criterion, grad), in the library's vocabulary
+CRITERIA = {"taylor/normalized": ("taylor", "normalized"), "taylor/loss": ("taylor", "loss"),
+            "taylor/random": ("taylor", "random"), "l1": ("l1", "normalized"),
             "random": ("random", "normalized")}
 
 
 def trainer(model, args, out_dir, plan=None, lr=None):
     """A Trainer on the benchmark's split; ``lr``: AdamW's rate (default --lr, for training)."""
-    common = dict(size=args.size, val_count=args.val_count, seed=0)
-    source = None if args.data == "synthetic" else args.data
-    train = polyp_dataset(source, split="train", augment=True, **common)
-    val = polyp_dataset(source, split="val", **common)
+    train, val = TASK.load_data(args.data, size=args.size, val_count=args.val_count, seed=0)
     config = TrainConfig(batch_size=args.batch_size, lr=lr or args.lr, seed=0)
-    return Trainer(model, train, val, config, device=args.device, out_dir=out_dir, plan=plan,
+    return Trainer(model, TASK, train, val, config, device=args.device, out_dir=out_dir, plan=plan,
                    progress=False)
 
 
@@ -74,7 +73,7 @@ def unpruned(args, out):
     """The trained unpruned checkpoint: trained now unless out/unpruned holds a finished one."""
     directory = out / "unpruned"
     seed_everything(0)
-    t = trainer(build_model(args.arch, args.encoder), args, directory)
+    t = trainer(smp_model(args.arch, args.encoder), args, directory)
     if (directory / "train_state.pt").exists():
         t.resume()
     if t.epoch < args.epochs:
@@ -89,32 +88,32 @@ def control(path, args, out):
     each with a fresh cosine schedule); resumes from out/control. (rows, model)."""
     directory = out / "control"
     seed_everything(0)
-    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path),
+    t = trainer(polyprune_ext.load(path), args, directory, plan=polyprune_ext.structure.read_plan(path),
                 lr=args.finetune_lr)
-    example = torch.zeros(t.plan.input_shape, device=t.device)
+    example = t.plan.example_input(t.device)
     first = row_of(t, 0, example)
     if (directory / "train_state.pt").exists():
         t.resume()
     for step in range(1, args.steps + 1):
-        done = sum(r["phase"] == f"control step {step}" for r in t.history)
-        t.fit(max(0, args.finetune_epochs - done), phase=f"control step {step}")
+        phase = f"control step {step}"
+        t.fit(max(0, args.finetune_epochs - t.epochs_done(phase)), phase=phase)
     return [first, row_of(t, args.steps, example)], t.model
 
 
 def ours(path, args, out, name, reduction):
     """One pruning run in out/NAME-REDUCTION; a run interrupted (or finished) before resumes from
     its rows.json and checkpoint, so a crash costs at most the step in progress. (rows, model)."""
-    directory = out / f"{name}-{reduction}"
+    directory = out / f"{name.replace('/', '-')}-{reduction}"
     log = directory / "rows.json"  # written by report.write_rows, whole or not at all
     seed_everything(0)
-    t = trainer(checkpoint.load(path), args, directory, plan=checkpoint.read_plan(path),
+    t = trainer(polyprune_ext.load(path), args, directory, plan=polyprune_ext.structure.read_plan(path),
                 lr=args.finetune_lr)
     rows = None
     if log.exists() and (directory / "train_state.pt").exists():
         t.resume()
         rows = json.loads(log.read_text())
     criterion, grad = CRITERIA[name]
-    config = PruneConfig(reduction=reduction, steps=args.steps, criterion=criterion, grad=grad,
+    config = PruneConfig(amount=reduction, steps=args.steps, criterion=criterion, grad=grad,
                          score_batches=args.score_batches, finetune_epochs=args.finetune_epochs,
                          normalize_layers=args.weighting in ("layers", "both"),
                          flops_weighted=args.weighting in ("flops", "both"))
@@ -130,7 +129,7 @@ def torch_pruning(path, args, out, importance, milestones):
     import torch_pruning as tp
 
     seed_everything(0)
-    t = trainer(checkpoint.load(path), args, None, lr=args.finetune_lr)
+    t = trainer(polyprune_ext.load(path), args, None, lr=args.finetune_lr)
     model, example = t.model, torch.zeros(1, 3, args.size, args.size, device=t.device)
     imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True,
@@ -147,7 +146,7 @@ def torch_pruning(path, args, out, importance, milestones):
                         break
                     dice_bce_loss(model(x), y).backward()
             pruner.step()
-        t.optimizer = torch.optim.AdamW(model.parameters(), lr=args.finetune_lr, weight_decay=1e-4)
+        t.restart(args.finetune_lr)
         pruned = t.evaluate()["dice"]
         t.fit(args.finetune_epochs, phase=f"tp step {step}")
         rows.append({**row_of(t, step, example), "dice_pruned": pruned})
@@ -157,8 +156,7 @@ def torch_pruning(path, args, out, importance, milestones):
 def one_shot(path, args):
     """Markdown rows: the validation Dice after one prune of the trained model to each reduction,
     no fine-tuning, for every criterion, on raw and on per-layer normalised scores."""
-    t = trainer(checkpoint.load(path), args, None)
-    example = torch.zeros(t.plan.input_shape, device=t.device)
+    t = trainer(polyprune_ext.load(path), args, None)
     dice = t.evaluate()["dice"]
     rows = ["| criterion | scores | " + " | ".join(f"Dice at -{r:.0%} FLOPs" for r in args.reductions) + " |",
             "|---|---|" + "---|" * len(args.reductions),
@@ -166,14 +164,15 @@ def one_shot(path, args):
     for normalize_layers in (False, True):
         for name, (criterion, grad) in CRITERIA.items():
             seed_everything(0)
-            scores = score(checkpoint.load(path).to(t.device), t.train_loader, loss_fn=t.loss_fn,
-                           criterion=criterion, grad=grad, num_batches=args.score_batches,
-                           normalize_layers=normalize_layers, example_input=example)
+            t.model = polyprune_ext.load(path).to(t.device)
+            config = PruneConfig(criterion=criterion, grad=grad, score_batches=args.score_batches,
+                                 normalize_layers=normalize_layers)
+            scores = step_scores(t, config, step=0)
             cells = []
             for reduction in args.reductions:
-                t.model = checkpoint.load(path).to(t.device)
+                t.model = polyprune_ext.load(path).to(t.device)
                 keep = select_channels(scores.analysis, scores.values, amount=reduction, target="flops")
-                prune_(t.model, scores.analysis, keep)
+                polyprune_ext.structure.prune_(t.model, scores.analysis, keep)
                 cells.append(f"{t.evaluate()['dice']:.4f}")
             rows.append(f"| {name} | {'per-layer normalised' if normalize_layers else 'raw'} | "
                         + " | ".join(cells) + " |")
@@ -213,9 +212,8 @@ def main():
                         "0.9 is our policy's max_ratio)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/bench_polyp")
-    parser.add_argument("--no-append", action="store_true")
+    add_options(parser)
     args = parser.parse_args()
-    from bench_ops import append_results, heading
 
     out = Path(args.out)
     start = time.time()
@@ -227,8 +225,7 @@ def main():
             f"{args.epochs} epochs from scratch; one prune to each FLOPs target, no fine-tuning; "
             f"{args.score_batches} scoring batches; {time.time() - start:.0f} s in all", "", *rows]
         print("\n".join(report))
-        if not args.no_append:
-            append_results(report)
+        append_if_asked(report, args)
         return
     results, models = {}, {}
 
@@ -238,15 +235,15 @@ def main():
 
     record(("control (unpruned, same fine-tuning)", 0.0), control(path, args, out))
     for reduction in args.reductions:
-        record(("normalized", reduction), ours(path, args, out, "normalized", reduction))
+        record(("taylor/normalized", reduction), ours(path, args, out, "taylor/normalized", reduction))
     for name in args.criteria:
         record((name, 0.5), ours(path, args, out, name, 0.5))
-    if args.torch_pruning and ("normalized", 0.5) in results:
-        milestones = [r["gflops"] for r in results[("normalized", 0.5)][1:]]
+    if args.torch_pruning and ("taylor/normalized", 0.5) in results:
+        milestones = [r["gflops"] for r in results[("taylor/normalized", 0.5)][1:]]
         for importance in ("taylor", "magnitude"):
             record((f"Torch-Pruning {importance}", 0.5), torch_pruning(path, args, out, importance, milestones))
     base = dict(next(iter(results.values()))[0])
-    models[("unpruned", 0.0)] = checkpoint.load(path).to(args.device)
+    models[("unpruned", 0.0)] = polyprune_ext.load(path).to(args.device)
     ms = latencies(models, args)
     base["ms"] = ms[("unpruned", 0.0)]
     for key, rows in results.items():
@@ -266,8 +263,7 @@ def main():
         report.append(f"| {name} | {f'-{reduction:.0%}' if reduction else '-'} | {r['step']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {pruned} | {r['dice']:.4f} | "
                       f"{r['iou']:.4f} | {r['dice'] - base['dice']:+.4f} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
     print("\n".join(report))
-    if not args.no_append:
-        append_results(report)
+    append_if_asked(report, args)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from _common import add_options, append_if_asked, heading
+
 VARIANTS = ("plain", "fused", "torch")
 
 
@@ -88,13 +90,12 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
-    parser.add_argument("--no-append", action="store_true", help="do not write benchmarks/RESULTS.md")
+    add_options(parser)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(peak_memory(args.variant, args.batch, args.size, args.device)))
         return
-    from bench_ops import append_results, heading
 
     seconds = step_times(args.batch, args.size, args.steps, args.device)
     results = {}
@@ -114,8 +115,7 @@ def main():
         report.append(f"| {variant} | {r['seconds'] * 1e3:.1f} | {r['seconds'] / plain['seconds'] - 1:+.1%} | "
                       f"{r['peak'] / 2**20:.0f} | {r['peak'] / plain['peak'] - 1:+.1%} |")
     print("\n".join(report))
-    if not args.no_append:
-        append_results(report)
+    append_if_asked(report, args)
 
 
 if __name__ == "__main__":

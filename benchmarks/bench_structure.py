@@ -26,12 +26,11 @@ import time
 
 import torch
 
-# The test matrix (tests/test_dependency.py): every pair smp can build.
-ARCHITECTURES = ["Unet", "UnetPlusPlus", "FPN", "PSPNet", "DeepLabV3", "DeepLabV3Plus", "Linknet",
-                 "MAnet", "PAN", "UPerNet", "Segformer"]
-ENCODERS = ["resnet18", "resnext50_32x4d", "se_resnet50", "efficientnet-b0", "mobilenet_v2",
-            "densenet121", "vgg11_bn", "timm-regnetx_002", "mit_b0", "tu-convnext_atto"]
-MODELS = [(arch, encoder) for arch in ARCHITECTURES for encoder in ENCODERS]
+from _common import add_options, append_if_asked, heading
+from polyprune_ext.testing import SMP_ARCHITECTURES, SMP_ENCODERS, randomize_norms
+
+# The test matrix: every pair smp can build.
+MODELS = [(arch, encoder) for arch in SMP_ARCHITECTURES for encoder in SMP_ENCODERS]
 SIZE = 128
 
 
@@ -39,14 +38,7 @@ def build(arch, encoder):
     import segmentation_models_pytorch as smp
 
     model = getattr(smp, arch)(encoder, encoder_weights=None).double().eval()
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    randomize_norms(model)
     return model
 
 
@@ -73,8 +65,8 @@ def encoder_share(model, analysis):
 
 def ours(model, x, gen):
     """(zeroed reference, seconds, encoder share) after pruning model in place with polyprune_ext."""
-    from polyprune_ext.dependency import analyze
-    from polyprune_ext.surgery import prune_, zero_channels
+    from polyprune_ext import analyze, zero_channels
+    from polyprune_ext.structure import prune_
 
     reference = copy.deepcopy(model)
     start = time.perf_counter()
@@ -153,8 +145,8 @@ def run_trial(library, arch, encoder, timeout):
 def unet_timings():
     import segmentation_models_pytorch as smp
 
-    from polyprune_ext.dependency import analyze
-    from polyprune_ext.surgery import prune_
+    from polyprune_ext import analyze
+    from polyprune_ext.structure import prune_
 
     rows = ["| model (352x352, float32) | analysis + 50% prune s | encoder conv output channels in prunable groups |",
             "|---|---|---|"]
@@ -173,7 +165,7 @@ def unet_timings():
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=int, default=60, help="seconds per trial")
-    parser.add_argument("--no-append", action="store_true")
+    add_options(parser)
     parser.add_argument("--libraries", nargs="+", choices=("ours", "tp"), default=["ours", "tp"],
                         help="Torch-Pruning ('tp') takes most of the time: about an hour more")
     parser.add_argument("--trial", nargs=3, help=argparse.SUPPRESS)
@@ -181,7 +173,6 @@ def main():
     if args.trial:
         print(json.dumps(trial(*args.trial)))
         return
-    from bench_ops import append_results, heading
 
     report = heading("cpu") + [f"### Structural pruning, 50% of every group at random, {SIZE}x{SIZE}, float64", "",
                                "| model | ours | ours s | encoder channels prunable (ours) | Torch-Pruning 1.6.1 | Torch-Pruning s |",
@@ -216,8 +207,7 @@ def main():
             ""] + unet_timings()
     report += tail
     print("\n".join(tail))
-    if not args.no_append:
-        append_results(report)
+    append_if_asked(report, args)
 
 
 if __name__ == "__main__":
