@@ -17,7 +17,7 @@ command) live in ``polyprune_ext.engine``, ``polyprune_ext.tasks`` and ``polypru
 
 import torch
 
-from . import _C  # loads the compiled kernels and registers torch.ops.polyprune_ext
+from . import _C  # type: ignore[attr-defined]  # the compiled kernels: torch.ops.polyprune_ext
 from . import ops
 from .choices import Baseline, Criterion, Grad, Reduce, Scope, Target
 from .models import register_model_family

@@ -1,7 +1,13 @@
 """Progress bars for long work (training epochs, scoring passes): tqdm when it is installed."""
 
 
-def progress(iterable, total=None, enabled=True, description=""):
+from typing import Iterable, Optional, TypeVar
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], total: Optional[int] = None, enabled: bool = True,
+             description: str = "") -> Iterable[T]:
     """``iterable`` wrapped in a tqdm bar that clears when done, or as is."""
     if not enabled:
         return iterable

@@ -7,11 +7,11 @@ measurement runs on a deep copy, so its device, memory format and train/eval fla
 were. Torch thread counts are left alone too; set them before calling if needed.
 """
 
-import contextlib
 import copy
 import math
 import statistics
 import time
+from typing import Sequence, Union
 
 import torch
 
@@ -31,7 +31,7 @@ def _in_channels(model: torch.nn.Module) -> int:
     return 3
 
 
-def _p90(times: list) -> float:
+def _p90(times: list[float]) -> float:
     """90th percentile by nearest rank: a time actually measured, defined for any count >= 1."""
     ordered = sorted(times)
     return ordered[math.ceil(0.9 * len(ordered)) - 1]
@@ -42,8 +42,8 @@ def latency(
     *,
     batch: int = 1,
     size: int = 352,
-    device="cpu",
-    dtype=torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
     warmup: int = 5,
     repeats: int = 20,
@@ -77,12 +77,9 @@ def latency(
     if channels_last:
         net = net.to(memory_format=memory_format)
         x = x.contiguous(memory_format=memory_format)
-    if dtype == torch.float32:
-        autocast = contextlib.nullcontext()
-    else:
-        autocast = torch.autocast(device.type, dtype=dtype)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    def sync():
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
@@ -110,8 +107,9 @@ def latency(
 
 
 def speed_table(
-    model, *, size: int = 352, batches=(1, 8), device="cpu", warmup=5, repeats=20
-) -> list:
+    model: torch.nn.Module, *, size: int = 352, batches: Sequence[int] = (1, 8),
+    device: Union[str, torch.device] = "cpu", warmup: int = 5, repeats: int = 20,
+) -> list[dict]:
     """latency() rows for the settings worth comparing on `device`.
 
     Always float32 contiguous (the baseline) for each batch size; on CUDA also float16 and
@@ -132,7 +130,7 @@ def speed_table(
     ]
 
 
-def is_real_time(rows, size: int = 352) -> bool:
+def is_real_time(rows: Sequence[dict], size: int = 352) -> bool:
     """True if any row at batch 1 and `size` reaches REAL_TIME_FPS.
 
     The definition used by the issue: >= 30 FPS at 352x352, batch 1 (one video frame at a time,
@@ -142,7 +140,7 @@ def is_real_time(rows, size: int = 352) -> bool:
     return any(r["batch"] == 1 and r["size"] == size and r["fps"] >= REAL_TIME_FPS for r in rows)
 
 
-def format_table(rows) -> str:
+def format_table(rows: Sequence[dict]) -> str:
     """The rows as a markdown table, one line per row."""
     lines = [
         "| batch | size | dtype | layout | ms | ms p90 | FPS |",

@@ -40,7 +40,8 @@ def randomize_norms(model: torch.nn.Module) -> None:
         if name.endswith("gamma") and p.dim() == 1:
             p.data.copy_(torch.rand(p.numel(), generator=gen) + 0.5)
     for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats:
+            assert m.running_mean is not None and m.running_var is not None
             m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
@@ -108,7 +109,7 @@ def build_smp(arch: str, encoder: str) -> torch.nn.Module:
 class Toy(torch.nn.Module):
     """Residual add, U-Net style concatenation, depthwise conv, squeeze-excitation gate."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         bn = torch.nn.BatchNorm2d
         self.stem, self.stem_bn = torch.nn.Conv2d(3, 8, 3, padding=1), bn(8)
@@ -120,7 +121,7 @@ class Toy(torch.nn.Module):
         self.fuse, self.fuse_bn = torch.nn.Conv2d(8 + 6, 10, 3, padding=1), bn(10)
         self.head = torch.nn.Conv2d(10, 2, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.stem_bn(self.stem(x)))
         x = torch.relu(x + self.res_bn(self.res(x)))
         x = torch.relu(self.dw_bn(self.dw(x)))
@@ -135,7 +136,7 @@ class Grouped(torch.nn.Module):
     """ResNeXt-style grouped convs: one reading a concatenation of two groups that spans its conv
     groups whole, one whose conv groups would cut a group (frozen)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         bn = torch.nn.BatchNorm2d
         self.a, self.b = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(3, 4, 1)
@@ -145,7 +146,7 @@ class Grouped(torch.nn.Module):
         self.cut = torch.nn.Conv2d(12, 4, 1, groups=2)  # 6 channels per conv group: c's 5 cut
         self.head = torch.nn.Conv2d(14, 2, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         ab = torch.relu(torch.cat([self.a(x), self.b(x)], 1))  # conv groups: a, a, b
         y = torch.relu(self.grouped_bn(self.grouped(ab)))
         y = torch.relu(self.expand_bn(self.expand(y)))
@@ -157,7 +158,7 @@ class Tokens(torch.nn.Module):
     """Linear layers on channels-last tokens, a layer scale, per-channel group and instance
     norms, a group norm that mixes channels, and chunks that map back to concatenated groups."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.inorm = torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
@@ -170,7 +171,7 @@ class Tokens(torch.nn.Module):
         self.gn_mixing = torch.nn.GroupNorm(3, 12)
         self.head = torch.nn.Conv2d(12 + 10, 2, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.inorm(self.stem(x)))
         x = self.gn_per_channel(torch.cat([self.a(x), self.b(x)], 1))
         a, b = x.split([self.a.out_channels, self.b.out_channels], 1)  # the two groups again

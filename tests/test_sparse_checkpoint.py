@@ -5,12 +5,11 @@ import os
 
 import pytest
 import torch
-from polyprune_ext.testing import devices
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from polyprune_ext.unstructured import magnitude
-from polyprune_ext.unstructured import load_compressed, save_compressed
+from polyprune_ext.testing import devices
+from polyprune_ext.unstructured import load_compressed, magnitude, save_compressed
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 

@@ -112,10 +112,11 @@ def compact_parameter_(
 
 
 @torch.library.register_fake("polyprune_ext::taylor_reduce_accumulate_")
-def _taylor_reduce_accumulate_fake(out, act, grad, scale, reduction):
+def _taylor_reduce_accumulate_fake(out: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
+                                   scale: Optional[torch.Tensor], reduction: str) -> None:
     return None
 
 
 @torch.library.register_fake("polyprune_ext::compact_")
-def _compact_fake(tensor, keep, dim):
+def _compact_fake(tensor: torch.Tensor, keep: torch.Tensor, dim: int) -> None:
     return None

@@ -51,8 +51,8 @@ class Pruner:
         self.module = getattr(model, "module", model)  # the model inside DDP
         self.optimizer, self.grad, self.scaler, self.ignore = optimizer, grad, scaler, ignore
         self.normalize_layers, self.flops_weighted = normalize_layers, flops_weighted
-        self.options = dict(reduce=reduce, backend=backend,
-                            nonfinite=nonfinite or ("skip" if scaler is not None else "raise"))
+        self.reduce, self.backend = reduce, backend
+        self.nonfinite: NonFinite = nonfinite or ("skip" if scaler is not None else "raise")
         self.example_input = example_input[:1].detach()
         self.plan = PruningPlan.for_model(self.module, self.example_input.shape)
         self._analyze()
@@ -60,12 +60,13 @@ class Pruner:
     def _analyze(self) -> None:
         device = device_of(self.module)
         self.analysis = analyze(self.module, self.example_input.to(device), self.ignore)
-        self.accumulator = TaylorAccumulator(self.module, self.analysis, **self.options)
+        self.accumulator = TaylorAccumulator(self.module, self.analysis, reduce=self.reduce,
+                                             backend=self.backend, nonfinite=self.nonfinite)
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator["Pruner"]:
         """Around one training step's forward and backward: adds that batch to the scores."""
-        def on_output(module, inputs, out):
+        def on_output(module: torch.nn.Module, inputs: Any, out: Any) -> None:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"the model returned {type(out).__name__}; scoring needs a tensor")
             if out.requires_grad:

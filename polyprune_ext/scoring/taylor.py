@@ -42,6 +42,7 @@ from .._progress import progress as progress_bar
 from ..choices import Backend, Grad, NonFinite, Reduce
 from ..ops import reference
 from ..structure.analysis import Analysis, analyze
+from ..structure.spaces import Gate
 from .scores import Scores, device_of, weigh_scores
 
 
@@ -62,19 +63,19 @@ class TaylorAccumulator:
                              + analysis.report())
         self.model, self.analysis = model, analysis
         self.reduce, self.backend, self.nonfinite = reduce, backend, nonfinite
-        self.gates = {}  # module name -> [(group index, Gate)]
+        self.gates: dict[str, list[tuple[int, Gate]]] = {}  # module name -> its gates, by group
         for i, group in enumerate(analysis.groups):
             if group.prunable:
                 for gate in group.gates:
                     self.gates.setdefault(gate.module, []).append((i, gate))
         self.names = {id(model.get_submodule(n)): n for n in self.gates}
         self.scale: Optional[torch.Tensor] = None
-        self.batch = {}  # group index -> (N, size) z of the current batch
-        self.totals = {}  # group index -> (size,) float64 running total
+        self.batch: dict[int, torch.Tensor] = {}  # group index -> (N, size) z of this batch
+        self.totals: dict[int, torch.Tensor] = {}  # group index -> (size,) float64 running total
         self.batches = self.skipped_batches = self.skipped_samples = 0
 
     @contextlib.contextmanager
-    def attached(self):
+    def attached(self) -> Iterator["TaylorAccumulator"]:
         handles = [self.model.get_submodule(name).register_forward_hook(self._forward_hook)
                    for name in self.gates]
         try:
@@ -83,7 +84,7 @@ class TaylorAccumulator:
             for handle in handles:
                 handle.remove()
 
-    def _forward_hook(self, module, inputs, out):
+    def _forward_hook(self, module: torch.nn.Module, inputs: Any, out: Any) -> None:
         if not (isinstance(out, torch.Tensor) and out.requires_grad):
             return
         entries = self.gates[self.names[id(module)]]
@@ -92,7 +93,8 @@ class TaylorAccumulator:
         act = out.detach().clone() if any(g.copy for _, g in entries) else out.detach()
         out.register_hook(lambda grad: self._accumulate(act, grad, entries))
 
-    def _accumulate(self, act, grad, entries):
+    def _accumulate(self, act: torch.Tensor, grad: torch.Tensor,
+                    entries: list[tuple[int, Gate]]) -> None:
         for i, gate in entries:
             size = self.analysis.groups[i].size
             a = act.narrow(gate.dim, gate.offset, size).movedim(gate.dim, 1)
@@ -143,12 +145,8 @@ class TaylorAccumulator:
             flat = flat.abs()
         return dict(zip(indices, flat.cpu().split([t.numel() for t in totals])))
 
-    def reset(self):
-        self.batch, self.totals, self.scale = {}, {}, None
-        self.batches = self.skipped_batches = self.skipped_samples = 0
 
-
-def unit_output_gradient(grad_y: torch.Tensor):
+def unit_output_gradient(grad_y: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Each sample's output gradient scaled to unit L2 norm; zero-gradient samples stay zero.
     Returns (normalized gradient, number of zero samples)."""
     norms = grad_y.flatten(1).norm(dim=1).view(-1, *[1] * (grad_y.dim() - 1))
@@ -156,13 +154,13 @@ def unit_output_gradient(grad_y: torch.Tensor):
     return torch.where(zero, 0.0, grad_y / norms.clamp_min(torch.finfo(norms.dtype).tiny)), int(zero.sum())
 
 
-def per_sample_scale(grad_y: torch.Tensor):
+def per_sample_scale(grad_y: torch.Tensor) -> tuple[torch.Tensor, int]:
     """1 / ||dL/dy_n|| per sample (0 where the gradient is zero: that sample is skipped)."""
     norms = grad_y.detach().flatten(1).double().norm(dim=1)
     return torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0), int((norms == 0).sum())
 
 
-def _split_batch(batch, needs_target: bool):
+def _split_batch(batch: Any, needs_target: bool) -> tuple[torch.Tensor, Any]:
     """(inputs, targets) from what the loader yielded."""
     if isinstance(batch, torch.Tensor):
         if needs_target:
@@ -216,12 +214,12 @@ def score(model: torch.nn.Module, loader: Optional[Iterable], *,
         analysis = analyze(model, example_input.to(device))
     acc = TaylorAccumulator(model, analysis, reduce=reduce, backend=backend, nonfinite=nonfinite)
     total = num_batches if num_batches is not None else getattr(loader, "__len__", lambda: None)()
-    batches = progress_bar(itertools.islice(itertools.chain(first, batches), num_batches), total,
-                           progress, "scoring")
     generator = torch.Generator(device=device).manual_seed(seed)
+    loss_fn = None if grad == "random" else loss_fn
     with eval_without_weight_grads(model), acc.attached():
         read = sum(_score_batch(model, acc, batch, loss_fn, grad, generator, device)
-                   for batch in batches)
+                   for batch in progress_bar(itertools.islice(itertools.chain(first, batches), num_batches),
+                                             total, progress, "scoring"))
     if acc.batches == 0:  # all-zero scores would make the pruning choose channels arbitrarily
         raise RuntimeError(f"no batch was scored ({read} read, {acc.skipped_batches} skipped for "
                            "NaN or Inf under nonfinite='skip'): pass a loader that yields finite "
@@ -245,15 +243,17 @@ def eval_without_weight_grads(model: torch.nn.Module) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
-def _score_batch(model, acc, batch, loss_fn, grad, generator, device) -> int:
-    """One batch through the model and back with the gradient mode's output gradient; returns 1
-    (a batch read) whether it was scored or skipped."""
+def _score_batch(model: torch.nn.Module, acc: TaylorAccumulator, batch: Any,
+                 loss_fn: Optional[Callable], grad: Grad, generator: torch.Generator,
+                 device: torch.device) -> int:
+    """One batch through the model and back with the gradient mode's output gradient (random
+    when there is no loss_fn); returns 1 (a batch read) whether it was scored or skipped."""
     x, target = _split_batch(batch, grad != "random")
     x = x.to(device).requires_grad_(True)
     y = model(x)
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"the model returned {type(y).__name__}; score() needs a tensor")
-    if grad == "random":
+    if loss_fn is None:  # grad == "random"
         g = torch.randn(y.shape, generator=generator, device=device, dtype=y.dtype)
     else:
         (g,) = torch.autograd.grad(loss_fn(y, target.to(device)), y)

@@ -199,7 +199,7 @@ class Tracer(TorchDispatchMode):
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.paused:
@@ -227,7 +227,7 @@ class _Functions(TorchFunctionMode):
         super().__init__()
         self.tracer = tracer
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         found = self.tracer.rules.get(func)
         if found is None or self.tracer.paused:
@@ -295,7 +295,7 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
     missing = [n for n in ignore if n not in dict(model.named_modules())]
     if missing:
         raise ValueError(f"ignore names modules the model does not have: {missing}")
-    named = dict(model.named_parameters())
+    named: dict[str, torch.Tensor] = dict(model.named_parameters())
     named.update(model.named_buffers())
     tracer = Tracer(named, {**RULES, **{op: Rule.of(fn) for op, fn in (rules or {}).items()}})
     for x in tree_leaves(example_input):
@@ -312,11 +312,11 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
     finally:
         hook.remove()
 
-    def enter(module, args):
+    def enter(module: torch.nn.Module, args: Any) -> None:
         if id(module) in names:
             tracer.stack.append(names[id(module)])
 
-    def leave(module, args, out):
+    def leave(module: torch.nn.Module, args: Any, out: Any) -> None:
         if id(module) in names:
             name = tracer.stack.pop()
             if not tracer.paused and isinstance(out, torch.Tensor) and calls[id(module)] == 1:

@@ -74,7 +74,7 @@ class PruningPlan:
         sizes = next((step["group_sizes"] for step in self.steps if "group_sizes" in step), None)
         if sizes is not None and len(sizes) != len(analysis.groups):
             warnings.warn(f"the model now has {len(analysis.groups)} channel groups, not the "
-                          f"{len(sizes)} it started with: max_ratio bounds this step alone")
+                          f"{len(sizes)} it started with: max_ratio bounds this step alone", stacklevel=2)
             return None
         return sizes
 

@@ -24,7 +24,7 @@ def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None) -> dict[str,
     """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
     channels of group ``i`` (every channel of the groups not named)."""
     kept = kept or {}
-    dim_sizes = {}  # (parameter, dim) -> its size after pruning
+    dim_sizes: dict[tuple[str, int], int] = {}  # (parameter, dim) -> its size after pruning
     for i, group in enumerate(analysis.groups):
         for slot in group.slots:
             key = (slot.name, slot.dim)
@@ -63,10 +63,10 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
     if (amount is None) == (at_most is None):
         raise ValueError("give either amount (the fraction to remove) or at_most (a budget)")
     if at_most is not None:
-        full = cost(analysis)[target]
         if not 0 < at_most:
             raise ValueError(f"at_most is the {target} to keep, above 0; got {at_most}")
-        amount = max(0.0, 1 - at_most / full)
+        amount = max(0.0, 1 - at_most / cost(analysis)[target])
+    assert amount is not None
     if not 0 <= amount < 1:
         raise ValueError(f"amount is the fraction to remove, in [0, 1); got {amount}")
     if original_sizes is not None and len(original_sizes) != len(analysis.groups):
@@ -108,7 +108,7 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
     if not reached(high, steps):
         warnings.warn(f"the limits allow removing only "
                       f"{1 - cost(analysis, kept_counts(high, steps))[target] / full:.1%} of the "
-                      f"{target}, short of {amount:.1%}")
+                      f"{target}, short of {amount:.1%}", stacklevel=2)
         low = high
     while low < high:
         middle = (low + high) // 2

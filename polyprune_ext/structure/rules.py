@@ -24,12 +24,15 @@ A rule for your own op or function, registered for every analysis or passed to o
 
 import dataclasses
 import inspect
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .spaces import Space
+
+if TYPE_CHECKING:
+    from .analysis import Tracer
 
 aten = torch.ops.aten
 
@@ -69,7 +72,7 @@ class Rule:
     any_input: bool = False
     params: Optional[tuple[str, ...]] = None
 
-    def __call__(self, tracer, call: OpCall) -> Optional[bool]:
+    def __call__(self, tracer: "Tracer", call: OpCall) -> Optional[bool]:
         return self.fn(tracer, call)
 
     @classmethod
@@ -90,7 +93,8 @@ def rule(*ops: Any, any_input: bool = False, params: Optional[Sequence[str]] = N
     return register
 
 
-def bind(func: Any, args: Sequence, kwargs: dict, params: Optional[Sequence[str]] = None) -> dict:
+def bind(func: Any, args: Sequence, kwargs: dict[str, Any],
+         params: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """The arguments of a call by name: from the op schema (defaults filled in) for ops, from
     ``params`` or the signature for Python functions."""
     schema = getattr(func, "_schema", None)
@@ -114,7 +118,7 @@ def bind(func: Any, args: Sequence, kwargs: dict, params: Optional[Sequence[str]
 
 
 @rule(aten.convolution, any_input=True)
-def convolution(t, call):
+def convolution(t: "Tracer", call: OpCall) -> Optional[bool]:
     x, weight, bias, out = call["input"], call["weight"], call["bias"], call.out
     transposed, groups = call["transposed"], call["groups"]
     name, bias_name = t.name_of(weight), t.name_of(bias)
@@ -150,7 +154,8 @@ def convolution(t, call):
                        "channels do not split into whole groups' blocks")
 
 
-def grouped_convolution(t, x, out, groups, name, bias_name):
+def grouped_convolution(t: "Tracer", x: torch.Tensor, out: torch.Tensor, groups: int, name: str,
+                        bias_name: Optional[str]) -> None:
     """Conv group j reads input channels [j * wi, (j + 1) * wi) and writes output channels
     [j * wo, (j + 1) * wo); every conv group must keep as many channels as the others. So the
     same local channel goes from every conv group: the input space, already split into
@@ -170,7 +175,7 @@ def grouped_convolution(t, x, out, groups, name, bias_name):
 
 
 @rule(F.linear, torch._C._nn.linear, any_input=True, params=("input", "weight", "bias"))
-def linear(t, call):
+def linear(t: "Tracer", call: OpCall) -> Optional[bool]:
     x, weight, bias, out = call["input"], call["weight"], call.get("bias"), call.out
     space, name, bias_name = t.channels(x), t.name_of(weight), t.name_of(bias)
     space = space or t.frozen_space(x, "linear input of unknown origin", dim=-1)
@@ -189,7 +194,8 @@ def linear(t, call):
     t.propose(out, group)
 
 
-def per_channel_norm(t, x, tensors, out, what):
+def per_channel_norm(t: "Tracer", x: torch.Tensor, tensors: Sequence[Any], out: torch.Tensor,
+                     what: str) -> None:
     """A norm with statistics and parameters per channel of dim 1 (batch or instance norm)."""
     space = t.channels(x)
     names = [t.name_of(v) for v in tensors if v is not None]
@@ -206,19 +212,19 @@ def per_channel_norm(t, x, tensors, out, what):
 
 @rule(aten.native_batch_norm, aten._native_batch_norm_legit_no_training,
       aten._native_batch_norm_legit, aten.cudnn_batch_norm)
-def batch_norm(t, call):
+def batch_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
     tensors = [call.get(n) for n in ("weight", "bias", "running_mean", "running_var")]
     per_channel_norm(t, call.x, tensors, call.first, str(call.func))
 
 
 @rule(F.instance_norm, params=("input", "running_mean", "running_var", "weight", "bias"))
-def instance_norm(t, call):
+def instance_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
     tensors = [call.get(n) for n in ("running_mean", "running_var", "weight", "bias")]
     per_channel_norm(t, call["input"], tensors, call.out, "instance norm")
 
 
 @rule(aten.native_group_norm)
-def group_norm(t, call):
+def group_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
     x = call.x
     if t.channels(x) is not None and call["group"] == x.shape[1]:  # one channel per group
         return per_channel_norm(t, x, [call["weight"], call["bias"]], call.first, str(call.func))
@@ -227,7 +233,7 @@ def group_norm(t, call):
 
 
 @rule(aten.native_layer_norm)
-def layer_norm(t, call):
+def layer_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
     x, space = call.x, t.channels(call.x)
     normalized = range(x.dim() - len(call["normalized_shape"]), x.dim())
     if space is None or space.dim in normalized:
@@ -240,7 +246,7 @@ def layer_norm(t, call):
 # -- element-wise and spatial ops --------------------------------------------------------------
 
 
-def _same_shape(t, call) -> bool:
+def _same_shape(t: "Tracer", call: OpCall) -> bool:
     return isinstance(call.first, torch.Tensor) and t.channels(call.x) is not None and \
         call.first.shape == call.x.shape
 
@@ -249,7 +255,7 @@ def _same_shape(t, call) -> bool:
       aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_,
       aten.mish, aten.tanh, aten.clone, aten.detach, aten.alias, aten._to_copy, aten.dropout,
       aten.native_dropout)
-def zero_keeping(t, call):
+def zero_keeping(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Element-wise ops that map zero to zero: the output keeps the input's space and gates."""
     if not _same_shape(t, call):
         return False
@@ -257,7 +263,7 @@ def zero_keeping(t, call):
 
 
 @rule(aten.sigmoid, aten.sigmoid_, aten.hardsigmoid, aten.exp, aten.clamp, aten.softplus)
-def value_setting(t, call):
+def value_setting(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Element-wise ops that do not keep zeros zero: the output needs a gate of its own."""
     if not _same_shape(t, call):
         return False
@@ -266,7 +272,7 @@ def value_setting(t, call):
 
 
 @rule(aten._softmax)
-def softmax(t, call):
+def softmax(t: "Tracer", call: OpCall) -> Optional[bool]:
     if not _same_shape(t, call) or call["dim"] % call.x.dim() == t.channels(call.x).dim:
         return False
     t.read(call.x)
@@ -277,7 +283,7 @@ def softmax(t, call):
       aten.avg_pool3d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
       aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.reflection_pad2d,
       aten.replication_pad2d, aten.constant_pad_nd)
-def spatial(t, call):
+def spatial(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Ops over the dims after the channels (dim 1) that keep zeros zero (a padding with
     another value sets new values)."""
     x, first, space = call.x, call.first, t.channels(call.x)
@@ -292,12 +298,12 @@ def spatial(t, call):
 
 @rule(aten.empty, aten.zeros, aten.ones, aten.full, aten.randn, aten.rand, aten.arange,
       aten.zeros_like, aten.ones_like, aten.empty_like)
-def source(t, call):
+def source(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Ops that create tensors from nothing, or read only shapes: nothing to follow."""
 
 
 @rule(aten.mean, aten.sum, aten.amax, aten.amin)
-def reduction(t, call):
+def reduction(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Reductions over other dims than the channels pass the space on."""
     x, out, space = call.x, call.first, t.channels(call.x)
     dims = call.get("dim")
@@ -315,7 +321,7 @@ def reduction(t, call):
 
 @rule(aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.unsqueeze, aten.squeeze,
       aten.permute, aten.transpose, aten.t)
-def view(t, call):
+def view(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Views and permutes that keep the channel dim whole move it; others are not followed."""
     x, out, space, packet = call.x, call.first, t.channels(call.x), call.func.overloadpacket
     if space is None:
@@ -344,7 +350,7 @@ def view(t, call):
 
 
 @rule(aten.select, aten.slice, aten.split, aten.split_with_sizes, aten.unbind)
-def index(t, call):
+def index(t: "Tracer", call: OpCall) -> Optional[bool]:
     """select, slice, split, unbind: across other dims the space passes; along the channels,
     pieces that are whole groups map back to them."""
     x, space, packet = call.x, t.channels(call.x), call.func.overloadpacket
@@ -384,7 +390,7 @@ def index(t, call):
 # -- several activations -----------------------------------------------------------------------
 
 
-def per_channel_operand(t, other, like):
+def per_channel_operand(t: "Tracer", other: Any, like: torch.Tensor) -> Union[int, None, bool]:
     """The Slot dim of a parameter or buffer ``other`` that holds one value per channel of the
     activation ``like`` when broadcast against it; None if it is constant along them, False if
     it varies in a way the rules do not follow."""
@@ -403,7 +409,7 @@ def per_channel_operand(t, other, like):
 
 
 @rule(aten.add, aten.add_, aten.sub, aten.sub_, aten.mul, aten.mul_, aten.div, aten.div_)
-def elementwise(t, call):
+def elementwise(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Two activations: their groups are tied (a residual sum, an attention product). One
     activation and a per-channel parameter: a layer scale or a bias, slots of its groups."""
     a, b, out, func = call.x, call.get("other"), call.first, call.func
@@ -454,7 +460,7 @@ def elementwise(t, call):
 
 
 @rule(aten.cat, aten.stack)
-def join(t, call):
+def join(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Concatenation along the channels joins spaces (U-Net skips); stacking, or concatenating
     along another dim, puts the inputs' channels in one dim: their groups are tied."""
     tensors, out, func = call["tensors"], call.first, call.func

@@ -11,7 +11,7 @@ forward pass is traced at the dispatcher (the level every aten op goes through) 
 
 import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
@@ -37,18 +37,19 @@ class ModelStats:
 class _StorageReads(TorchDispatchMode):
     """Records the storage of every tensor any op receives."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
-        self.pointers = set()
+        self.pointers: set[int] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         for leaf in tree_leaves((args, kwargs or {})):
             if isinstance(leaf, torch.Tensor):
                 self.pointers.add(leaf.untyped_storage().data_ptr())
         return func(*args, **(kwargs or {}))
 
 
-def forward_once(model: torch.nn.Module, example_input: Any, *modes) -> Any:
+def forward_once(model: torch.nn.Module, example_input: Any,
+                 *modes: contextlib.AbstractContextManager) -> Any:
     """model(example_input) once, in eval mode, without autograd and inside the context managers
     ``modes``; every submodule's mode is restored, so BatchNorm statistics and modes are left
     as they were. ``example_input`` is a tensor or a tuple of positional arguments."""
@@ -59,10 +60,11 @@ def forward_once(model: torch.nn.Module, example_input: Any, *modes) -> Any:
         return model(*args)
 
 
-def _trace(model: torch.nn.Module, example_input: Any, *modes) -> tuple[set, set]:
+def _trace(model: torch.nn.Module, example_input: Any,
+           *modes: contextlib.AbstractContextManager) -> tuple[set[int], set[torch.nn.Module]]:
     """One forward pass (forward_once, inside ``modes``): the storage pointers every op read, and
     the modules that were called."""
-    reads, called = _StorageReads(), set()
+    reads, called = _StorageReads(), set[torch.nn.Module]()
     hook = register_module_forward_pre_hook(lambda module, args: called.add(module))
     try:
         forward_once(model, example_input, reads, *modes)
@@ -71,7 +73,7 @@ def _trace(model: torch.nn.Module, example_input: Any, *modes) -> tuple[set, set
     return reads.pointers, called
 
 
-def _is_read(tensor: torch.Tensor, pointers: set) -> bool:
+def _is_read(tensor: torch.Tensor, pointers: set[int]) -> bool:
     return tensor.untyped_storage().data_ptr() in pointers
 
 
@@ -100,7 +102,7 @@ class Dropped(torch.nn.Module):
         super().__init__()
         self.path = path
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError(f"{self.path} was removed by drop_unused_ because the traced forward "
                            "never called it; this forward takes a path the traced one did not")
 
@@ -121,7 +123,7 @@ def drop_unused_(model: torch.nn.Module, example_input: Any) -> list[str]:
     """
     reads, called = _trace(model, example_input)
 
-    def droppable(module, path):
+    def droppable(module: torch.nn.Module, path: str) -> list[str]:
         tensors = [*module.parameters(), *module.buffers()]
         if (path and tensors and not any(m in called for m in module.modules())
                 and not any(_is_read(t, reads) for t in tensors)):
@@ -134,14 +136,14 @@ def drop_unused_(model: torch.nn.Module, example_input: Any) -> list[str]:
     return names
 
 
-def drop_(model: torch.nn.Module, names) -> None:
+def drop_(model: torch.nn.Module, names: Iterable[str]) -> None:
     """Replace the submodules at the dotted paths ``names`` with Dropped (for replaying a plan)."""
     for name in names:
         parent, _, leaf = name.rpartition(".")
         try:
             model.get_submodule(name)
         except AttributeError:
-            leaf = None
+            leaf = ""
         if not leaf:
             raise ValueError(f"cannot drop {name!r}: the model has no such submodule")
         setattr(model.get_submodule(parent), leaf, Dropped(name))

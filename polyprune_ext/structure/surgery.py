@@ -13,6 +13,7 @@ import torch
 
 from .. import ops
 from .analysis import Analysis
+from .spaces import Gate
 
 
 def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
@@ -33,7 +34,7 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
         for slot in group.slots:
             kept[(slot.name, slot.dim)].append(slot.offset + channels)
             covered[(slot.name, slot.dim)].append(slot.offset + torch.arange(group.size))
-    tensors = dict(model.named_parameters())
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     for (name, dim), parts in kept.items():
         tensor = tensors[name]
@@ -86,7 +87,8 @@ def zero_channels(model: torch.nn.Module, analysis: Analysis,
         group = analysis.groups[i]
         channels = torch.as_tensor(channels, dtype=torch.int64)
         for gate in group.gates:
-            def zero(module, inputs, out, gate=gate, channels=channels):
+            def zero(module: torch.nn.Module, inputs: Any, out: torch.Tensor, gate: Gate = gate,
+                     channels: torch.Tensor = channels) -> torch.Tensor:
                 return out.index_fill(gate.dim, (gate.offset + channels).to(out.device), 0)
             handles.append(model.get_submodule(gate.module).register_forward_hook(zero))
     return handles

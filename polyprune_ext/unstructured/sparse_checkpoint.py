@@ -22,10 +22,7 @@ import math
 from pathlib import Path
 from typing import Mapping, Union
 
-import numpy as np
-import safetensors.torch
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .. import _io
 
@@ -58,15 +55,17 @@ def save_compressed(state_dict: Union[Mapping[str, torch.Tensor], torch.nn.Modul
         if (tensor.is_floating_point() and tensor.numel() > 0 and sparse_bytes < tensor.nbytes
                 and 1 - count / tensor.numel() > min_sparsity):
             stored[name + SEPARATOR + "values"] = tensor.reshape(-1)[nonzero]
-            stored[name + SEPARATOR + "mask"] = torch.from_numpy(np.packbits(nonzero.numpy()))
+            stored[name + SEPARATOR + "mask"] = pack_bits(nonzero)
             shapes[name] = list(tensor.shape)
             zeros, elements = zeros + tensor.numel() - count, elements + tensor.numel()
         else:
             stored[name] = tensor
     path = Path(path)
     metadata = {METADATA_KEY: json.dumps({"format": FORMAT, "shapes": shapes})}
-    _io.replace_atomically(path, lambda tmp: safetensors.torch.save_file(stored, str(tmp), metadata=metadata))
-    dense_bytes = len(safetensors.torch.save(state))
+    from safetensors.torch import save, save_file
+
+    _io.replace_atomically(path, lambda tmp: save_file(stored, str(tmp), metadata=metadata))
+    dense_bytes = len(save(state))
     compressed_bytes = path.stat().st_size
     return {"dense_bytes": dense_bytes, "compressed_bytes": compressed_bytes,
             "ratio": compressed_bytes / dense_bytes, "sparsity": zeros / elements if elements else 0.0}
@@ -75,6 +74,8 @@ def save_compressed(state_dict: Union[Mapping[str, torch.Tensor], torch.nn.Modul
 def load_compressed(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     """The dense state_dict (on the CPU) saved by save_compressed at ``path``. Refuses, with a
     ValueError naming the file, one that save_compressed did not write or that is corrupted."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), "pt") as file:
             metadata = file.metadata() or {}
@@ -116,12 +117,28 @@ def dense_tensor(values: torch.Tensor, mask: torch.Tensor, shape: list[int], whe
     if mask.dtype != torch.uint8 or mask.shape != ((numel + 7) // 8,):
         raise ValueError(f"{where}: its mask of {mask.dtype} {list(mask.shape)} does not fit its "
                          f"shape {shape}")
-    bits = np.unpackbits(mask.numpy())
+    bits = unpack_bits(mask)
     if bits[numel:].any():
         raise ValueError(f"{where}: its mask has padding bits set")
-    nonzero = torch.from_numpy(bits[:numel].astype(bool))
+    nonzero = bits[:numel]
     if values.dim() != 1 or values.numel() != int(nonzero.sum()):
         raise ValueError(f"{where}: {values.numel()} values for {int(nonzero.sum())} set mask bits")
     dense = torch.zeros(numel, dtype=values.dtype)
     dense[nonzero] = values
     return dense.reshape(shape)
+
+
+_BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Booleans packed 8 to a byte, the first in the highest bit, the last byte padded with zeros
+    (numpy.packbits' layout)."""
+    padded = torch.zeros((flags.numel() + 7) // 8 * 8, dtype=torch.uint8)
+    padded[:flags.numel()] = flags.reshape(-1)
+    return (padded.view(-1, 8) * _BIT_VALUES).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    """The booleans of pack_bits, padding included (8 per byte)."""
+    return (packed.reshape(-1, 1) & _BIT_VALUES).ne(0).reshape(-1)
