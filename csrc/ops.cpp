@@ -7,6 +7,10 @@
 
 #include <string>
 
+namespace polyprune {
+void bind_launch_plan(pybind11::module& m);  // plan_py.cpp: private functions for the tests
+}  // namespace polyprune
+
 #ifdef POLYPRUNE_WITH_CUDA
 namespace polyprune {
 std::string cuda_arch_list();  // from cuda/build_info.cu: the archs nvcc compiled for
@@ -42,4 +46,5 @@ static pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "Which kernels this build of polyprune_ext compiled in.");
+  polyprune::bind_launch_plan(m);
 }
