@@ -9,6 +9,11 @@
 
 namespace polyprune {
 
+#ifdef POLYPRUNE_WITH_CUDA
+// cuda/taylor_reduce_cuda.cu: the plan the CUDA op runs for these inputs on their GPU.
+ReducePlan cuda_reduce_plan(const at::Tensor& act, const at::Tensor& grad, bool per_sample);
+#endif
+
 namespace {
 
 OperandLayout operand(const std::vector<int64_t>& strides, uint64_t address) {
@@ -147,6 +152,15 @@ void bind_launch_plan(pybind11::module& m) {
         "Reads of each act element under the CUDA plan (tests)", "N"_a, "C"_a, "S"_a,
         "element_size"_a, "a_strides"_a, "a_address"_a, "g_strides"_a, "g_address"_a,
         "per_sample"_a, "sms"_a, "blocks_per_sm"_a);
+#ifdef POLYPRUNE_WITH_CUDA
+  m.def(
+      "_cuda_reduce_plan",
+      [](const at::Tensor& act, const at::Tensor& grad, bool per_sample) {
+        return plan_dict(cuda_reduce_plan(act, grad, per_sample));
+      },
+      "The plan taylor_reduce runs for these CUDA inputs on their GPU (tests)", "act"_a, "grad"_a,
+      "per_sample"_a);
+#endif
   m.def("_plan_compact", &plan_compact, "CUDA copy plan of compact_ (tests)", "outer"_a, "K"_a,
         "inner"_a, "keep"_a, "element_size"_a, "address"_a, "numel"_a);
 }

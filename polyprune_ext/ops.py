@@ -42,11 +42,16 @@ def taylor_reduce(
     (float64 for float64 inputs). Otherwise a new zero-initialised ``out`` is returned.
 
     Sums accumulate in float32 for float32, float16 and bfloat16 inputs (float64 for float64).
-    Contiguous (NCHW) and channels_last inputs are read in place; layouts whose spatial dims do not
-    form one strided run are first copied to contiguous. There are no floating-point atomics: the
-    same inputs give the same bits on the same device. (The CPU kernel picks an AVX2/FMA or a
-    baseline code path when the library loads, so two different x86 CPUs may differ in the last
-    bits.) Not differentiable: call it on activations and gradients, e.g. inside backward hooks.
+    Contiguous (NCHW) and channels_last inputs, and one of each, are read in place; layouts whose
+    spatial dims do not form one strided run are first copied to contiguous. There are no
+    floating-point atomics: the same inputs give the same bits on the same device (CPU) or GPU
+    model. (The CPU kernel picks an AVX2/FMA or a baseline code path when the library loads, so
+    two different x86 CPUs may differ in the last bits; the CUDA kernels' summation order depends
+    on the GPU's multiprocessor count.) Not differentiable: call it on activations and gradients,
+    e.g. inside backward hooks.
+
+    ``out`` must not share memory with ``act`` or ``grad`` (ValueError). A ``scale`` that shares
+    memory with ``out`` is copied first: it is read as it was before the call.
     """
     if not isinstance(act, torch.Tensor) or act.dim() < 2:
         raise ValueError(

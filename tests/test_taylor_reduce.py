@@ -1,5 +1,7 @@
 """taylor_reduce against a float64 pure-PyTorch reference, over devices, dtypes, layouts and shapes."""
 
+import math
+
 import pytest
 import torch
 
@@ -8,7 +10,10 @@ from polyprune_ext import ops, reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, C, *spatial): odd sizes, N = 1, C = 1, 0 to 3 spatial dims, an empty batch, and one
-# spatial size past the kernels' summation blocks.
+# spatial size past the kernels' summation blocks. The last five reach the CUDA kernels' other
+# paths (launch_plan.h): 16 channels (2 lanes per position in float16 channels_last), channels
+# not a whole number of 16-byte vectors, 48 channels of 11 x 11 (8-lane groups), a long row that
+# is split, and one spatial position.
 SHAPES = [
     (2, 5, 17, 13),
     (1, 1, 9, 7),
@@ -20,6 +25,11 @@ SHAPES = [
     (5, 11),
     (0, 4, 6, 6),
     (2, 3, 97, 101),
+    (3, 16, 20, 20),
+    (2, 20, 9, 9),
+    (4, 48, 11, 11),
+    (1, 2, 3000),
+    (3, 4, 1),
 ]
 # channels_last needs 2 or 3 spatial dims, a strided view at least one.
 CASES = [(shape, "contiguous") for shape in SHAPES]
@@ -94,13 +104,82 @@ def test_no_scale_means_unit_scale(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 9, 11), (2, 40, 7, 7), (1, 33, 40, 40)], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_mixed_layouts(device, layout):
-    a, g, scale = make((2, 8, 9, 11), torch.float32, device, layout)
+@pytest.mark.parametrize("mode", ops.MODES)
+def test_mixed_layouts(device, dtype, shape, layout, mode):
+    """act in one layout, grad in the other (the CUDA mixed kernel)."""
+    a, g, scale = make(shape, dtype, device, layout)
     g = g.contiguous() if layout == "channels_last" else g.contiguous(memory_format=torch.channels_last)
-    expected = reference.taylor_reduce(a.double(), g.double(), scale, mode="per_sample")
-    tol = ACC_TOL[torch.float32] * bound(a, g, scale, "per_sample")
-    assert ((ops.taylor_reduce(a, g, scale, mode="per_sample").double() - expected).abs() <= tol).all()
+    expected = reference.taylor_reduce(a.double(), g.double(), scale, mode=mode)
+    tol = ACC_TOL[dtype] * bound(a, g, scale, mode) + 1e-30
+    assert ((ops.taylor_reduce(a, g, scale, mode=mode).double() - expected).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mode", ["sum", "per_sample"])
+def test_channel_and_batch_slices(device, dtype, layout, mode):
+    """Views as the scoring hooks make them (a group's channels narrowed out of a layer's
+    output, a part of the batch): start addresses off any 16-byte boundary, strides of the
+    whole tensor."""
+    a, g, scale = make((5, 23, 9, 10), dtype, device, layout)
+    for view in (lambda t: t.narrow(1, 3, 13), lambda t: t[1:4], lambda t: t[1:].narrow(1, 1, 8)):
+        av, gv = view(a), view(g)
+        sv = scale[: av.shape[0]]
+        expected = reference.taylor_reduce(av.double(), gv.double(), sv, mode=mode)
+        tol = ACC_TOL[dtype] * bound(av, gv, sv, mode) + 1e-30
+        assert ((ops.taylor_reduce(av, gv, sv, mode=mode).double() - expected).abs() <= tol).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_scale_dtype_and_stride(device, dtype):
+    """scale in any floating dtype and at any stride gives the bits of its conversion to out's
+    dtype (the kernels read float32 and float64 scales in place, others are converted)."""
+    a, g, scale = make((3, 5, 6, 7), dtype, device, "contiguous")
+    for mode in ops.MODES:
+        expected = ops.taylor_reduce(a, g, scale.to(ops.accumulation_dtype(dtype)), mode=mode)
+        wide = torch.stack([scale, scale * 7]).t().reshape(-1)  # scale at stride 2
+        for s in (scale.double(), scale.float(), scale.half().float(), wide[::2]):
+            assert torch.equal(ops.taylor_reduce(a, g, s, mode=mode),
+                               ops.taylor_reduce(a, g, s.to(expected.dtype).contiguous(), mode=mode))
+        assert torch.equal(ops.taylor_reduce(a, g, wide[::2].double(), mode=mode), expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["sum", "per_sample"])
+def test_out_sharing_memory_with_act_or_grad_is_refused(device, mode):
+    buffer = torch.zeros(250, device=device)
+    a, g, _ = make((2, 3, 4, 4), torch.float32, device, "contiguous")
+    shape = (2, 3) if mode == "per_sample" else (3,)
+    size = math.prod(shape)
+    act_in_buffer = buffer[:96].view(2, 3, 4, 4).copy_(a)
+    grad_in_buffer = buffer[110:206].view(2, 3, 4, 4).copy_(g)
+    out = buffer[92:92 + size].view(shape)  # overlaps act's last floats
+    with pytest.raises(ValueError, match="out shares memory with act"):
+        ops.taylor_reduce(act_in_buffer, g, mode=mode, out=out)
+    out = buffer[200:200 + size].view(shape)  # inside grad
+    with pytest.raises(ValueError, match="out shares memory with grad"):
+        ops.taylor_reduce(a, grad_in_buffer, mode=mode, out=out)
+    # Next to both but not overlapping: fine.
+    out = buffer[96:96 + math.prod(shape)].view(shape)
+    ops.taylor_reduce(act_in_buffer, grad_in_buffer, mode=mode, out=out)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ops.MODES)
+def test_scale_sharing_memory_with_out_is_read_before_out_changes(device, mode):
+    """scale = out[0, :N] (the review's example): the op reads scale as it was before the call,
+    like ``out += f(scale.clone())``, on every device."""
+    a, g, _ = make((3, 4, 5, 5), torch.float32, device, "contiguous")
+    out = torch.rand(3, 4, device=device) + 0.5 if mode == "per_sample" else torch.rand(4, device=device) + 0.5
+    scale = out.view(-1)[:3]
+    expected = out + reference.taylor_reduce(a, g, scale.clone(), mode=mode)
+    ops.taylor_reduce(a, g, scale, mode=mode, out=out)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
