@@ -75,10 +75,12 @@ def compact_(
     re-pointed (``Tensor.set_``) at them with its new shape, so every reference to this tensor
     object, whether a module's parameter or buffer, a ``.grad`` or an optimizer's state, sees
     the compacted tensor. No tensor-sized buffer is allocated: the CPU kernel moves slices in
-    place; the CUDA kernel goes through a scratch buffer of at most 1/8 of the tensor (1 MiB at
-    least). The tensor must be dense; its memory layout is kept (a contiguous tensor stays
-    contiguous, a channels_last one stays channels_last). The storage keeps its capacity until
-    the tensor is cloned or freed. Equivalent to ``tensor.index_select(dim, keep)``.
+    place; the CUDA kernel moves up to 256 KiB through one block's shared memory, and more through
+    a scratch buffer of at most 1/8 of the tensor (at least one element), in batches. Nothing
+    moves when ``keep`` is a prefix. The tensor must be dense; its memory layout is kept (a
+    contiguous tensor stays contiguous, a channels_last one stays channels_last). The storage
+    keeps its capacity until the tensor is cloned or freed. A ``keep`` tensor that shares memory
+    with ``tensor`` is copied first. Equivalent to ``tensor.index_select(dim, keep)``.
     """
     if isinstance(keep, torch.Tensor):
         if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
