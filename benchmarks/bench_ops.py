@@ -1,6 +1,6 @@
 """Benchmark polyprune_ext's two ops against the PyTorch a pruning loop would otherwise use.
 
-Reduction: ``taylor_reduce(act, grad, scale, mode="sum", out=acc)`` is timed on the output shape
+Reduction: ``taylor_reduce(act, grad, scale, reduce="sum", out=acc)`` is timed on the output shape
 of every Conv2d of smp ``Unet("resnet34")`` at batch 16 and 352x352 input (found by forward hooks
 on the "meta" device, so nothing is computed); each distinct shape is timed once and weighted by
 how many convs produce it. Per float32/bfloat16 and NCHW/channels_last it is compared with
@@ -11,6 +11,10 @@ how many convs produce it. Per float32/bfloat16 and NCHW/channels_last it is com
 - compile: ``torch.compile(dynamic=False)`` of the eager-sum expression, compiled per row;
 - ``x.sum()`` over one flat tensor of the bytes of a and g together: the read bandwidth this
   machine reaches in the same run, the ceiling for a one-pass reduction.
+
+On CUDA a short table follows with the memory bandwidth of ``x.sum()`` (read) and of a
+device-to-device ``copy_`` (read + write) over the bytes of the largest float32 input pair and
+over 4x that, measured in the same run.
 
 The fused op accumulates into a preallocated ``out`` (zeroed once), as training does. Times are
 medians of torch.utils.benchmark blocked_autorange after a warm-up call. "Faster eager" is the
@@ -96,7 +100,7 @@ def time_reduction(shape, dtype, fmt, device, min_run_time):
     out = torch.zeros(shape[1], device=device)
     flat = torch.randn(2 * a.numel(), device=device).to(dtype)
     compiled = compiled_eager_sum(a, g, scale)
-    fns = {"fused": lambda: ops.taylor_reduce(a, g, scale, mode="sum", out=out),
+    fns = {"fused": lambda: ops.taylor_reduce(a, g, scale, reduce="sum", out=out),
            "eager sum": lambda: eager_sum(a, g, scale), "einsum": lambda: eager_einsum(a, g, scale),
            "compile": compiled and (lambda: compiled(a, g, scale)), "x.sum()": flat.sum}
     return {name: fn and median_time(fn, min_run_time) for name, fn in fns.items()}
@@ -162,6 +166,23 @@ def summary_row(dtype_name, fmt_name, totals, fracs, device):
             f"{ms(totals['compile'])} | {speedup:.2f}x | {pct(frac8)} | {pct(frac64)} | {verdict} |")
 
 
+def bandwidth_section(report, shapes, device, min_run_time):
+    """x.sum() and a device-to-device copy over the bytes of the largest float32 input pair, and
+    over 4x that: the bandwidth this GPU reaches in this run."""
+    largest = max(torch.Size(s).numel() for s in shapes)
+    emit(report, "| op | MB read | MB written | ms | GB/s |", "|---|---|---|---|---|")
+    for numel in (2 * largest, 8 * largest):
+        src = torch.randn(numel, device=device)
+        dst = torch.empty_like(src)
+        mb = src.nbytes / 1e6
+        t_sum = median_time(src.sum, min_run_time)
+        t_copy = median_time(lambda d=dst, s=src: d.copy_(s), min_run_time)
+        emit(report, f"| x.sum() | {mb:.1f} | 0 | {ms(t_sum)} | {mb / 1e3 / t_sum:.0f} |",
+             f"| copy_ device to device | {mb:.1f} | {mb:.1f} | {ms(t_copy)} | "
+             f"{2 * mb / 1e3 / t_copy:.0f} |")
+        del src, dst
+
+
 def extra_memory(fn, tensor, device):
     """Bytes that fn(tensor) allocates beyond what is already allocated (see module docstring)."""
     sync(device)
@@ -210,16 +231,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--quick", action="store_true", help="batch 2, short timings: a smoke test")
+    parser.add_argument("--min-run-time", type=float,
+                        help="seconds of timed runs per measurement (default 0.3, 0.02 with --quick)")
     add_options(parser)
     args = parser.parse_args()
     setup(args)
     torch.manual_seed(0)
     batch, min_run_time, weights, repeats = (2, 0.02, 2, 2) if args.quick else (16, 0.3, 4, 7)
+    if args.min_run_time is not None:
+        min_run_time = args.min_run_time
     shapes, weight_shapes = unet_shapes(batch)
     report = []
-    emit(report, *heading(args.device), f"### Taylor reduction, mode 'sum', batch {batch} "
+    emit(report, *heading(args.device), f"### Taylor reduction, reduce 'sum', batch {batch} "
          f"({sum(shapes.values())} convs, {len(shapes)} distinct shapes)", "")
     reduction_section(report, shapes, args.device, min_run_time)
+    if args.device == "cuda":
+        emit(report, "", "### Memory bandwidth in this run", "")
+        bandwidth_section(report, shapes, args.device, min_run_time)
     emit(report, "", "### Compaction to 50% of channels, float32", "")
     compaction_section(report, weight_shapes, args.device, weights, repeats)
     append_if_asked(report, args)

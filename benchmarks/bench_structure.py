@@ -14,7 +14,7 @@ the encoder's conv output channels that are in prunable groups. Also: the time o
 plus a 50% prune of Unet with resnet34, resnet50 and efficientnet-b0 at 352x352.
 
 Torch-Pruning is a benchmark-only dependency: pip install ../shared/wheels/torch_pruning-*.whl.
-Prints markdown tables and appends them to benchmarks/RESULTS.md (--no-append skips that).
+Prints markdown tables and appends them to benchmarks/RESULTS.md (with --append).
 """
 
 import argparse

@@ -3,6 +3,9 @@
 
 #include <ATen/ATen.h>
 
+#include "launch_plan.h"
+#include "memory_overlap.h"
+
 namespace polyprune {
 
 // A dense tensor seen in memory order as (outer, K, inner) around `dim`: the kept slices of `dim`
@@ -34,6 +37,12 @@ inline CompactPlan check_compact_inputs(const at::Tensor& self, const at::Tensor
   const int64_t inner = K == 1 ? 1 : self.stride(dim);
   const int64_t outer = self.numel() == 0 ? 0 : self.numel() / (K * inner);
   return {outer, K, inner, kept};
+}
+
+// keep as the kernels read it: a keep that shares memory with the tensor (an int64 view of it)
+// would be overwritten by the moves it directs, so it is copied first.
+inline at::Tensor readable_keep(const at::Tensor& keep, const at::Tensor& self) {
+  return may_share_memory(keep, self) ? keep.clone() : keep;
 }
 
 }  // namespace polyprune

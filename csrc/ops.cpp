@@ -7,6 +7,10 @@
 
 #include <string>
 
+namespace polyprune {
+void bind_launch_plan(pybind11::module& m);  // plan_py.cpp: private functions for the tests
+}  // namespace polyprune
+
 #ifdef POLYPRUNE_WITH_CUDA
 namespace polyprune {
 std::string cuda_arch_list();  // from cuda/build_info.cu: the archs nvcc compiled for
@@ -16,10 +20,9 @@ int cuda_runtime_version();    // CUDART_VERSION seen by nvcc
 
 TORCH_LIBRARY(polyprune_ext, m) {
   // out += reduce_n(scale[n] * sum_spatial(act * grad)); see polyprune_ext.ops.taylor_reduce.
-  // (The mode argument is called `reduction`: an argument named `mode` breaks torch's opcheck.)
   m.def(
       "taylor_reduce_accumulate_(Tensor(a!) out, Tensor act, Tensor grad, Tensor? scale, "
-      "str reduction) -> ()");
+      "str reduce) -> ()");
   // Moves the slices `keep` of `dim` to the front of self's storage; see polyprune_ext.ops.compact_.
   m.def("compact_(Tensor(a!) self, Tensor keep, int dim) -> ()");
 }
@@ -42,4 +45,5 @@ static pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "Which kernels this build of polyprune_ext compiled in.");
+  polyprune::bind_launch_plan(m);
 }

@@ -1,10 +1,14 @@
-// Shared by the CPU and CUDA kernels of taylor_reduce_accumulate_: the mode, the input checks and
-// the (N, C, S) view of an activation whose spatial dims are flattened into one.
+// Shared by the CPU and CUDA kernels of taylor_reduce_accumulate_: the mode, the input checks
+// (memory overlap included), the (N, C, S) view of an activation whose spatial dims are flattened
+// into one, and the scale as the kernels read it.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <string>
+
+#include "launch_plan.h"
+#include "memory_overlap.h"
 
 namespace polyprune {
 
@@ -15,7 +19,7 @@ inline ReduceMode parse_mode(const std::string& mode) {
   if (mode == "sum") return ReduceMode::Sum;
   if (mode == "sum_abs") return ReduceMode::SumAbs;
   if (mode == "sum_sq") return ReduceMode::SumSq;
-  TORCH_CHECK_VALUE(false, "taylor_reduce: mode must be one of per_sample, sum, sum_abs, sum_sq; got '",
+  TORCH_CHECK_VALUE(false, "taylor_reduce: reduce must be one of per_sample, sum, sum_abs, sum_sq; got '",
               mode, "'");
 }
 
@@ -73,11 +77,16 @@ inline void check_reduce_inputs(const at::Tensor& out, const at::Tensor& act, co
   TORCH_CHECK_VALUE(out.device() == act.device(), "taylor_reduce: out is on ", out.device(),
               ", act on ", act.device());
   TORCH_CHECK_VALUE(out.is_contiguous(), "taylor_reduce: out must be contiguous");
+  // out is written while act and grad are read, by other threads on CUDA: refuse rather than
+  // copy a tensor of act's size (there is no use for such a call). A scale that overlaps out is
+  // copied instead (kernel_scale).
+  TORCH_CHECK_VALUE(!may_share_memory(out, act), "taylor_reduce: out shares memory with act");
+  TORCH_CHECK_VALUE(!may_share_memory(out, grad), "taylor_reduce: out shares memory with grad");
   const int64_t N = act.size(0), C = act.size(1);
   if (mode == ReduceMode::PerSample) {
     TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == N && out.size(1) == C,
                 "taylor_reduce: out must have shape (N, C) = (", N, ", ", C,
-                ") for mode per_sample, got ", out.sizes());
+                ") for reduce per_sample, got ", out.sizes());
   } else {
     TORCH_CHECK_VALUE(out.dim() == 1 && out.size(0) == C, "taylor_reduce: out must have shape (C,) = (",
                 C, ",), got ", out.sizes());
@@ -92,11 +101,23 @@ inline void check_reduce_inputs(const at::Tensor& out, const at::Tensor& act, co
   }
 }
 
-// The per-sample scale as a contiguous tensor of the accumulation dtype (ones when absent).
-inline at::Tensor scale_or_ones(const c10::optional<at::Tensor>& scale, const at::Tensor& act,
-                                at::ScalarType acc) {
-  if (!scale.has_value()) return at::ones({act.size(0)}, act.options().dtype(acc));
-  return scale->to(acc).contiguous();
+// The per-sample scale as the kernels read it (see ScaleArg): undefined when absent, float32 or
+// float64 as given (any stride), other dtypes converted to out's. A scale that shares memory
+// with out is copied first, so it is read as it was before the call on every device.
+inline at::Tensor kernel_scale(const c10::optional<at::Tensor>& scale, const at::Tensor& out) {
+  if (!scale.has_value()) return {};
+  const auto st = scale->scalar_type();
+  if (st != at::kFloat && st != at::kDouble) return scale->to(out.scalar_type());
+  return may_share_memory(*scale, out) ? scale->clone() : *scale;
+}
+
+inline ScaleArg scale_arg(const at::Tensor& scale) {
+  ScaleArg s;
+  if (!scale.defined()) return s;
+  s.data = scale.const_data_ptr();
+  s.stride = scale.stride(0);
+  s.is_double = scale.scalar_type() == at::kDouble;
+  return s;
 }
 
 }  // namespace polyprune

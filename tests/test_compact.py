@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from polyprune_ext.testing import devices
 from polyprune_ext import ops
 from polyprune_ext.ops import reference
+from polyprune_ext.testing import devices
 
 # What pruning compacts: conv / conv-transpose / linear weights, biases and norm statistics, in
 # float and integer dtypes, contiguous and channels_last.
@@ -19,6 +19,11 @@ TENSORS = [
     ((12, 7, 4), torch.int64, torch.contiguous_format),
     ((9, 1, 3, 3), torch.float32, torch.contiguous_format),
     ((6, 0, 2), torch.float32, torch.contiguous_format),
+    # Every element size the CUDA kernel moves as words of 1 to 16 bytes.
+    ((16, 6), torch.complex128, torch.contiguous_format),
+    ((12, 10, 3), torch.bool, torch.contiguous_format),
+    ((8, 6, 3, 3), torch.int16, torch.channels_last),
+    ((300, 40), torch.float16, torch.contiguous_format),
 ]
 
 
@@ -28,7 +33,10 @@ def random_keep(size, gen):
 
 
 def make(shape, dtype, memory_format, device, gen):
-    t = (torch.randn(shape, generator=gen) * 100).to(dtype)
+    if dtype.is_complex:
+        t = torch.randn(shape, generator=gen, dtype=dtype) * 100
+    else:
+        t = (torch.randn(shape, generator=gen) * 100).to(dtype)
     return t.to(device).contiguous(memory_format=memory_format)
 
 
@@ -67,6 +75,32 @@ def test_view_with_storage_offset(device):
     ops.compact_(t, [0, 3], 0)
     assert t.storage_offset() == 10 and torch.equal(t, expected)
     assert torch.equal(base[:10], torch.arange(10.0, device=device))  # nothing before it moved
+
+
+@pytest.mark.parametrize("device", devices())
+def test_view_at_an_odd_offset(device):
+    """A float16 view one element into its storage: the CUDA kernel moves 2-byte words."""
+    base = torch.randn(1 + 64 * 8, device=device).half()
+    t = base[1:].view(64, 8)
+    expected = t[1::3].clone()
+    ops.compact_(t, range(1, 64, 3), 0)
+    assert t.storage_offset() == 1 and torch.equal(t, expected)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nothing_moves_when_keep_is_a_prefix(device):
+    t = torch.randn(10, 4, device=device)
+    expected = t[:6].clone()
+    ops.compact_(t, range(6), 0)
+    assert torch.equal(t, expected)
+
+
+def test_keep_sharing_memory_with_the_tensor():
+    """keep as an int64 view of the tensor it compacts is read before any slice moves (else the
+    moves would overwrite it on the way: here the second row would be read at column 2, not 1)."""
+    t = torch.tensor([[1, 2, 0, 3], [10, 11, 12, 13], [20, 21, 22, 23]])
+    ops.compact_(t, t[0, :2], 1)
+    assert t.tolist() == [[2, 0], [11, 12], [21, 22]]
 
 
 @pytest.mark.parametrize("device", devices())

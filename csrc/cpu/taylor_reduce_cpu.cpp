@@ -156,15 +156,16 @@ void channel_dots(const at::Tensor& act, const at::Tensor& grad, Acc* z) {
 
 // Stage 2: out += reduce_n(scale[n] * z[n, c]), n in order.
 template <typename Acc>
-void reduce_batch(const Acc* z, const Acc* scale, ReduceMode mode, int64_t N, int64_t C, Acc* out) {
+void reduce_batch(const Acc* z, const ScaleArg& scale, ReduceMode mode, int64_t N, int64_t C,
+                  Acc* out) {
   if (mode == ReduceMode::PerSample) {
-    for (int64_t r = 0; r < N * C; ++r) out[r] += scale[r / C] * z[r];
+    for (int64_t r = 0; r < N * C; ++r) out[r] += scaled(scale, r / C, z[r]);
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
     Acc t = 0;
     for (int64_t n = 0; n < N; ++n) {
-      const Acc v = scale[n] * z[n * C + c];
+      const Acc v = scaled(scale, n, z[n * C + c]);
       t += mode == ReduceMode::Sum ? v : mode == ReduceMode::SumAbs ? std::abs(v) : v * v;
     }
     out[c] += t;
@@ -181,13 +182,12 @@ void taylor_reduce_accumulate_cpu(at::Tensor out, const at::Tensor& act, const a
   const at::Tensor g = flat ? grad : grad.contiguous();
   const int64_t N = a.size(0), C = a.size(1);
   const at::ScalarType acc = out.scalar_type();
-  const at::Tensor s = scale_or_ones(scale, a, acc);
+  const at::Tensor s = kernel_scale(scale, out);  // undefined: no scale, a factor of 1
   at::Tensor z = at::empty({N, C}, a.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "taylor_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     channel_dots<scalar_t, acc_t>(a, g, z.data_ptr<acc_t>());
-    reduce_batch<acc_t>(z.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), mode, N, C,
-                        out.data_ptr<acc_t>());
+    reduce_batch<acc_t>(z.const_data_ptr<acc_t>(), scale_arg(s), mode, N, C, out.data_ptr<acc_t>());
   });
 }
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-MODES = ("per_sample", "sum", "sum_abs", "sum_sq")
+REDUCE_OPTIONS = ("per_sample", "sum", "sum_abs", "sum_sq")
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -23,13 +23,13 @@ def taylor_reduce(
     grad: torch.Tensor,
     scale: Optional[torch.Tensor] = None,
     *,
-    mode: str = "sum",
+    reduce: str = "sum",
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """First-order Taylor contribution of every channel, in one pass over ``act`` and ``grad``.
 
     ``z[n, c] = scale[n] * sum_spatial(act[n, c] * grad[n, c])`` for ``act`` and ``grad`` of shape
-    (N, C, *spatial) with 0 to 3 spatial dims, then, by ``mode``:
+    (N, C, *spatial) with 0 to 3 spatial dims, then, by ``reduce``:
 
     - ``"per_sample"``: ``z`` itself, shape (N, C);
     - ``"sum"``: ``sum_n z``, shape (C,). The TaylorFO score ``|sum_n z|`` is ``abs()`` of an
@@ -42,11 +42,16 @@ def taylor_reduce(
     (float64 for float64 inputs). Otherwise a new zero-initialised ``out`` is returned.
 
     Sums accumulate in float32 for float32, float16 and bfloat16 inputs (float64 for float64).
-    Contiguous (NCHW) and channels_last inputs are read in place; layouts whose spatial dims do not
-    form one strided run are first copied to contiguous. There are no floating-point atomics: the
-    same inputs give the same bits on the same device. (The CPU kernel picks an AVX2/FMA or a
-    baseline code path when the library loads, so two different x86 CPUs may differ in the last
-    bits.) Not differentiable: call it on activations and gradients, e.g. inside backward hooks.
+    Contiguous (NCHW) and channels_last inputs, and one of each, are read in place; layouts whose
+    spatial dims do not form one strided run are first copied to contiguous. There are no
+    floating-point atomics: the same inputs give the same bits on the same device (CPU) or GPU
+    model. (The CPU kernel picks an AVX2/FMA or a baseline code path when the library loads, so
+    two different x86 CPUs may differ in the last bits; the CUDA kernels' summation order depends
+    on the GPU's multiprocessor count.) Not differentiable: call it on activations and gradients,
+    e.g. inside backward hooks.
+
+    ``out`` must not share memory with ``act`` or ``grad`` (ValueError). A ``scale`` that shares
+    memory with ``out`` is copied first: it is read as it was before the call.
     """
     if not isinstance(act, torch.Tensor) or act.dim() < 2:
         raise ValueError(
@@ -54,9 +59,9 @@ def taylor_reduce(
             f"{tuple(act.shape) if isinstance(act, torch.Tensor) else type(act).__name__}"
         )
     if out is None:
-        shape = tuple(act.shape[:2]) if mode == "per_sample" else (act.shape[1],)
+        shape = tuple(act.shape[:2]) if reduce == "per_sample" else (act.shape[1],)
         out = act.new_zeros(shape, dtype=accumulation_dtype(act.dtype))
-    torch.ops.polyprune_ext.taylor_reduce_accumulate_(out, act, grad, scale, mode)
+    torch.ops.polyprune_ext.taylor_reduce_accumulate_(out, act, grad, scale, reduce)
     return out
 
 
@@ -70,10 +75,12 @@ def compact_(
     re-pointed (``Tensor.set_``) at them with its new shape, so every reference to this tensor
     object, whether a module's parameter or buffer, a ``.grad`` or an optimizer's state, sees
     the compacted tensor. No tensor-sized buffer is allocated: the CPU kernel moves slices in
-    place; the CUDA kernel goes through a scratch buffer of at most 1/8 of the tensor (1 MiB at
-    least). The tensor must be dense; its memory layout is kept (a contiguous tensor stays
-    contiguous, a channels_last one stays channels_last). The storage keeps its capacity until
-    the tensor is cloned or freed. Equivalent to ``tensor.index_select(dim, keep)``.
+    place; the CUDA kernel moves up to 256 KiB through one block's shared memory, and more through
+    a scratch buffer of at most 1/8 of the tensor (at least one element), in batches. Nothing
+    moves when ``keep`` is a prefix. The tensor must be dense; its memory layout is kept (a
+    contiguous tensor stays contiguous, a channels_last one stays channels_last). The storage
+    keeps its capacity until the tensor is cloned or freed. A ``keep`` tensor that shares memory
+    with ``tensor`` is copied first. Equivalent to ``tensor.index_select(dim, keep)``.
     """
     if isinstance(keep, torch.Tensor):
         if keep.dtype.is_floating_point or keep.dtype.is_complex or keep.dtype == torch.bool:
@@ -113,7 +120,7 @@ def compact_parameter_(
 
 @torch.library.register_fake("polyprune_ext::taylor_reduce_accumulate_")
 def _taylor_reduce_accumulate_fake(out: torch.Tensor, act: torch.Tensor, grad: torch.Tensor,
-                                   scale: Optional[torch.Tensor], reduction: str) -> None:
+                                   scale: Optional[torch.Tensor], reduce: str) -> None:
     return None
 
 

@@ -16,7 +16,7 @@ def taylor_reduce(
     grad: torch.Tensor,
     scale: Optional[torch.Tensor] = None,
     *,
-    mode: str = "sum",
+    reduce: str = "sum",
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Same result as polyprune_ext.ops.taylor_reduce, computed in ``dtype`` (default: float64 for
@@ -28,15 +28,15 @@ def taylor_reduce(
         z = z.flatten(2).sum(-1)
     if scale is not None:
         z = z * scale.to(dtype)[:, None]
-    if mode == "per_sample":
+    if reduce == "per_sample":
         return z
-    if mode == "sum":
+    if reduce == "sum":
         return z.sum(0)
-    if mode == "sum_abs":
+    if reduce == "sum_abs":
         return z.abs().sum(0)
-    if mode == "sum_sq":
+    if reduce == "sum_sq":
         return z.square().sum(0)
-    raise ValueError(f"unknown mode {mode!r}")
+    raise ValueError(f"unknown reduce {reduce!r}")
 
 
 def compact(tensor: torch.Tensor, keep: Union[torch.Tensor, Sequence[int]], dim: int) -> torch.Tensor:

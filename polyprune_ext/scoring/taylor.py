@@ -103,9 +103,9 @@ class TaylorAccumulator:
             if i not in self.batch:
                 self.batch[i] = a.new_zeros((a.shape[0], size), dtype=ops.accumulation_dtype(a.dtype))
             if self.backend == "fused":
-                ops.taylor_reduce(a, g, scale, mode="per_sample", out=self.batch[i])
+                ops.taylor_reduce(a, g, scale, reduce="per_sample", out=self.batch[i])
             else:
-                self.batch[i] += reference.taylor_reduce(a, g, scale, mode="per_sample",
+                self.batch[i] += reference.taylor_reduce(a, g, scale, reduce="per_sample",
                                                          dtype=self.batch[i].dtype)
 
     def end_batch(self) -> bool:
