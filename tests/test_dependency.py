@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 
+import polyprune_ext
 from polyprune_ext import analyze
 from polyprune_ext.structure import prune_
 from polyprune_ext.testing import (SMP_ARCHITECTURES, SMP_ENCODERS, Grouped, Tokens, Toy,
@@ -77,6 +78,7 @@ def test_frozen_group_cannot_be_pruned():
         prune_(model, analysis, {frozen: [0]})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
 @pytest.mark.parametrize("encoder", SMP_ENCODERS)
 @pytest.mark.parametrize("arch", SMP_ARCHITECTURES)
@@ -157,3 +159,56 @@ def test_ignored_modules_keep_their_output_channels():
     assert "ignored module" in ignoring.report()
     with pytest.raises(ValueError, match="no_such_layer"):
         analyze(model, x, ignore=("no_such_layer",))
+
+
+class ChannelGate(torch.nn.Module):
+    """A layer whose per-channel tensor the tracer cannot follow: sigmoid(logits) is not one of
+    the model's tensors."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.randn(channels))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.logits)[None, :, None, None]
+
+
+def channel_gate_rule(t, call):
+    space = t.channels(call["x"])
+    if space is None or space.dim != 1:
+        return False
+    t.add_slots(space, t.name_of(call.func.logits), 0)
+    t.read(call["x"], per_channel=True)
+    t.propose(call.out, space)
+
+
+def test_a_rule_for_a_module_class_sees_its_calls_whole():
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), ChannelGate(8), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(8, 6, 3), ChannelGate(6), torch.nn.Conv2d(6, 2, 1))
+    x = torch.randn(2, 3, 12, 12)
+    assert not analyze(net(), x).prunable  # without the rule: frozen, never guessed
+    rules = {ChannelGate: channel_gate_rule}
+    analysis = analyze(net(), x, rules=rules)
+    assert [g.size for g in analysis.prunable] == [8, 6]
+    assert {gate.module for g in analysis.prunable for gate in g.gates} == {"1", "4"}  # the gates
+    # function preserved: the same check as prune_and_compare, with the rule
+    model = net().double()
+    analysis = analyze(model, x.double(), rules=rules)
+    keep = {i: torch.arange(0, g.size, 2) for i, g in enumerate(analysis.groups) if g.prunable}
+    reference = copy.deepcopy(model)
+    drop = {i: sorted(set(range(analysis.groups[i].size)) - set(k.tolist())) for i, k in keep.items()}
+    polyprune_ext.zero_channels(reference, analysis, drop)
+    prune_(model, analysis, keep)
+    with torch.no_grad():
+        expected, got = reference(x.double()), model(x.double())
+    assert model[1].logits.shape == (4,) and model[4].logits.shape == (3,)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-12
+    # registered for every analysis
+    polyprune_ext.rule(ChannelGate)(channel_gate_rule)
+    try:
+        assert len(analyze(net(), x).prunable) == 2
+    finally:
+        from polyprune_ext.structure.rules import RULES
+        del RULES[ChannelGate]

@@ -65,7 +65,7 @@ class Tracer(TorchDispatchMode):
         self.alive: list[torch.Tensor] = []  # keeps traced tensors alive so their ids stay unique
         self.stack: list[str] = []  # names of the modules being run, outermost first
         self.returned: dict[int, list[Proposal]] = {}  # id(module output) -> proposals gated there
-        self.paused = False  # inside a function the function mode handles whole
+        self.paused = False  # inside a function or module whose rule sees it whole
 
     # -- spaces and gates ------------------------------------------------------------------------
 
@@ -218,10 +218,25 @@ class Tracer(TorchDispatchMode):
             self.unknown(inputs, f"{func} is not understood")
         return out
 
+    def apply_whole(self, key: Any, func: Callable, args: Any, kwargs: dict[str, Any],
+                    out: Any) -> None:
+        """The rule of ``key`` (a torch function, or a module class) for one call of ``func`` (the
+        function, or the module's bound forward) that ran untraced; its arguments bound by the
+        signature, ``call.func`` the function or the module."""
+        found = self.rules[key]
+        inputs = [t for t in tree_leaves((args, kwargs)) if self.channels(t) is not None]
+        if inputs or found.any_input:
+            call = OpCall(getattr(func, "__self__", func) if isinstance(key, type) else func,
+                          bind(func, args, kwargs, found.params), out)
+            if found(self, call) is False:
+                self.unknown(inputs, f"{getattr(key, '__name__', key)} is not understood")
+
 
 class _Functions(TorchFunctionMode):
-    """Runs the rules written for Python functions (F.linear, F.instance_norm, users' own): the
-    function runs untraced, then its rule sees it as one op."""
+    """Runs the rules written for torch functions (F.linear, F.instance_norm): the function runs
+    untraced, then its rule sees it as one op. (Functions that do not dispatch through
+    __torch_function__, such as plain Python ones, never reach a mode: give rules to the module
+    or custom op that holds them.)"""
 
     def __init__(self, tracer: Tracer):
         super().__init__()
@@ -237,11 +252,7 @@ class _Functions(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             self.tracer.paused = False
-        inputs = [t for t in tree_leaves((args, kwargs)) if self.tracer.channels(t) is not None]
-        if inputs or found.any_input:
-            call = OpCall(func, bind(func, args, kwargs, found.params), out)
-            if found(self.tracer, call) is False:
-                self.tracer.unknown(inputs, f"{getattr(func, '__name__', func)} is not understood")
+        self.tracer.apply_whole(func, func, args, kwargs, out)
         return out
 
 
@@ -288,8 +299,8 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
 
     ``ignore``: names of modules whose output channels are kept (their input channels may still
     go when the layers before them are pruned). None means smp's heads (default_ignore).
-    ``rules``: op rules for this call, over the registered ones ({op or function: rule};
-    see polyprune_ext.structure.rules)."""
+    ``rules``: rules for this call, over the registered ones ({op, torch function or module
+    class: rule}; see polyprune_ext.structure.rules)."""
     ignore = default_ignore(model) if ignore is None else tuple(ignore)
     names = {id(m): n for n, m in model.named_modules() if n}
     missing = [n for n in ignore if n not in dict(model.named_modules())]
@@ -312,11 +323,20 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
     finally:
         hook.remove()
 
+    whole: list[torch.nn.Module] = []  # the module whose rule sees it whole, while it runs
+
     def enter(module: torch.nn.Module, args: Any) -> None:
         if id(module) in names:
             tracer.stack.append(names[id(module)])
+        if not tracer.paused and type(module) in tracer.rules:
+            tracer.paused = True
+            whole.append(module)
 
     def leave(module: torch.nn.Module, args: Any, out: Any) -> None:
+        if whole and whole[-1] is module:
+            whole.pop()
+            tracer.paused = False
+            tracer.apply_whole(type(module), module.forward, args, {}, out)
         if id(module) in names:
             name = tracer.stack.pop()
             if not tracer.paused and isinstance(out, torch.Tensor) and calls[id(module)] == 1:

@@ -1,25 +1,27 @@
 """Op rules: what each op does to the channel spaces of its inputs and outputs.
 
-A rule is a function ``rule(tracer, call)`` registered for aten ops (their overload packets, e.g.
-``aten.convolution``) or for Python functions that are caught whole (``F.linear``). ``call``
-holds the op's arguments bound by name from its schema (``call["groups"]``), its result
-(``call.out``, ``call.first``) and its first argument (``call.x``); the rule uses the tracer's
-primitives (polyprune_ext.structure.analysis.Tracer) and returns False when the op is used in
-a way it does not follow, which freezes every group the op touches. An op without a rule is
-frozen the same way: the analysis never guesses.
+A rule is a function ``rule(tracer, call)`` registered for aten or custom ops (their overload
+packets, e.g. ``aten.convolution``, ``torch.ops.mylib.my_op``), for torch functions caught whole
+(``F.linear``), or for module classes, whose calls it then sees whole (the ops inside are not
+traced). ``call`` holds the arguments bound by name from the op schema or the signature
+(``call["groups"]``), the result (``call.out``, ``call.first``), the first argument (``call.x``)
+and what was called (``call.func``: the op, the function, or the module itself). The rule uses the
+tracer's primitives (polyprune_ext.structure.analysis.Tracer) and returns False when the call is
+used in a way it does not follow, which freezes every group the call touches. An op without a
+rule is frozen the same way: the analysis never guesses.
 
-A rule for your own op or function, registered for every analysis or passed to one call:
+A rule for your own layer, registered for every analysis or passed to one call:
 
-    @polyprune_ext.rule(torch.ops.mylib.channel_scale)   # out = x * weight[None, :, None, None]
+    @polyprune_ext.rule(ChannelScale)          # forward(x): x * self.weight[None, :, None, None]
     def channel_scale(t, call):
-        space = t.channels(call.x)
+        space = t.channels(call["x"])
         if space is None or space.dim != 1:
             return False
-        t.add_slots(space, t.name_of(call["weight"]), 0)   # weight dim 0 follows the channels
-        t.read(call.x, per_channel=True)
-        t.propose(call.out, space)                          # new values: a gate goes here
+        t.add_slots(space, t.name_of(call.func.weight), 0)  # weight dim 0: the channels
+        t.read(call["x"], per_channel=True)
+        t.propose(call.out, space)                            # new values: a gate goes here
 
-    analysis = polyprune_ext.analyze(model, x, rules={my_function: my_rule})
+    analysis = polyprune_ext.analyze(model, x, rules={ChannelScale: channel_scale})
 """
 
 import dataclasses
