@@ -20,6 +20,7 @@ import torch
 from . import _C  # type: ignore[attr-defined]  # the compiled kernels: torch.ops.polyprune_ext
 from . import ops
 from .choices import Baseline, Criterion, Grad, Reduce, Scope, Target
+from .batchnorm import recalibrate_bn
 from .models import register_model_family
 from .scoring import Pruner, Scores, baseline_scores, score
 from .speed import latency
@@ -31,7 +32,7 @@ __all__ = [
     "Analysis", "Baseline", "ChannelGroup", "Criterion", "Gate", "Grad", "ModelStats", "Pruner",
     "PruningPlan", "Reduce", "Scope", "Scores", "Target", "analyze", "baseline_scores",
     "build_info", "cost", "latency", "load", "load_compressed", "magnitude_prune_",
-    "make_permanent_", "model_stats", "ops", "register_model_family", "rule", "save",
+    "make_permanent_", "model_stats", "ops", "recalibrate_bn", "register_model_family", "rule", "save",
     "save_compressed", "score", "select_channels", "zero_channels",
 ]
 

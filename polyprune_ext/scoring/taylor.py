@@ -43,7 +43,7 @@ from ..choices import Backend, Grad, NonFinite, Reduce
 from ..ops import reference
 from ..structure.analysis import Analysis, analyze
 from ..structure.spaces import Gate
-from .scores import Scores, device_of, weigh_scores
+from .scores import Scores, device_of, split_batch, weigh_scores
 
 
 class TaylorAccumulator:
@@ -160,26 +160,6 @@ def per_sample_scale(grad_y: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0), int((norms == 0).sum())
 
 
-def _split_batch(batch: Any, needs_target: bool) -> tuple[torch.Tensor, Any]:
-    """(inputs, targets) from what the loader yielded."""
-    if isinstance(batch, torch.Tensor):
-        if needs_target:
-            raise TypeError("the loader yielded a tensor, but this gradient mode needs a loss: "
-                            "yield (images, targets) pairs, or use grad='random'")
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor):
-        return batch[0], batch[1]
-    if isinstance(batch, dict) and "image" in batch:
-        if needs_target and batch.get("mask") is None:
-            raise TypeError("the loader yielded a dict with 'image' but no 'mask', and this "
-                            "gradient mode needs a loss: yield dicts with 'image' and 'mask', "
-                            "(images, targets) pairs, or use grad='random'")
-        return batch["image"], batch.get("mask")
-    raise TypeError(f"the loader yielded {type(batch).__name__}; expected (images, targets) pairs "
-                    "(tuples or lists), a dict with 'image' and 'mask', or image tensors with "
-                    "grad='random'")
-
-
 def score(model: torch.nn.Module, loader: Optional[Iterable], *,
           loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None, grad: Grad = "normalized",
           reduce: Reduce = "abs_sum", num_batches: Optional[int] = None,
@@ -210,7 +190,7 @@ def score(model: torch.nn.Module, loader: Optional[Iterable], *,
             first = list(itertools.islice(batches, 1))
             if not first:
                 raise ValueError("pass example_input, or a loader that yields batches")
-            example_input = _split_batch(first[0], False)[0][:1]
+            example_input = split_batch(first[0], False)[0][:1]
         analysis = analyze(model, example_input.to(device))
     acc = TaylorAccumulator(model, analysis, reduce=reduce, backend=backend, nonfinite=nonfinite)
     total = num_batches if num_batches is not None else getattr(loader, "__len__", lambda: None)()
@@ -248,7 +228,7 @@ def _score_batch(model: torch.nn.Module, acc: TaylorAccumulator, batch: Any,
                  device: torch.device) -> int:
     """One batch through the model and back with the gradient mode's output gradient (random
     when there is no loss_fn); returns 1 (a batch read) whether it was scored or skipped."""
-    x, target = _split_batch(batch, grad != "random")
+    x, target = split_batch(batch, grad != "random")
     x = x.to(device).requires_grad_(True)
     y = model(x)
     if not isinstance(y, torch.Tensor):
