@@ -24,14 +24,15 @@ from .batchnorm import recalibrate_bn
 from .models import register_model_family
 from .scoring import Pruner, Scores, baseline_scores, score
 from .speed import latency
-from .structure import (Analysis, ChannelGroup, Gate, ModelStats, PruningPlan, analyze, cost,
-                        load, model_stats, rule, save, select_channels, zero_channels)
+from .structure import (Analysis, ChannelGroup, Gate, LatencyModel, ModelStats, PruningPlan, analyze,
+                        cost, latency_model, load, model_stats, rule, save, select_channels,
+                        zero_channels)
 from .unstructured import load_compressed, magnitude_prune_, make_permanent_, save_compressed
 
 __all__ = [
-    "Analysis", "Baseline", "ChannelGroup", "Criterion", "Gate", "Grad", "ModelStats", "Pruner",
+    "Analysis", "Baseline", "ChannelGroup", "Criterion", "Gate", "Grad", "LatencyModel", "ModelStats", "Pruner",
     "PruningPlan", "Reduce", "Scope", "Scores", "Target", "analyze", "baseline_scores",
-    "build_info", "cost", "latency", "load", "load_compressed", "magnitude_prune_",
+    "build_info", "cost", "latency", "latency_model", "load", "load_compressed", "magnitude_prune_",
     "make_permanent_", "model_stats", "ops", "recalibrate_bn", "register_model_family", "rule", "save",
     "save_compressed", "score", "select_channels", "zero_channels",
 ]

@@ -15,8 +15,8 @@ Baseline = Literal["l1", "l2", "bn_scale", "random"]
 Grad = Literal["normalized", "loss", "random"]
 # How per-sample scores z[n, c] become one score per channel: |sum_n z|, sum_n |z|, sum_n z^2.
 Reduce = Literal["abs_sum", "sum_abs", "sum_sq"]
-# What a pruning amount is a fraction of.
-Target = Literal["channels", "params", "flops"]
+# What a pruning amount is a fraction of (latency: as a latency model of the device predicts it).
+Target = Literal["channels", "params", "flops", "latency"]
 # One ranking over the whole network, or the same fraction from every layer (group).
 Scope = Literal["global", "layer"]
 # The fused kernel, or the eager PyTorch reference (for checks and benchmarks).

@@ -1,12 +1,13 @@
-"""Which channels to remove: a target (channels, parameters or FLOPs, as a fraction to remove or
-a budget to reach), a scope (one global ranking, or the same ratio in every group) and per-group
-limits.
+"""Which channels to remove: a target (channels, parameters, FLOPs or latency, as a fraction to
+remove or a budget to reach), a scope (one global ranking, or the same ratio in every group) and
+per-group limits.
 
 Costs are computed from the Analysis, not by pruning trial copies: every parameter's new size
 follows from how many channels each group keeps in each of its dims, and every convolution's and
 linear layer's FLOPs are its FLOPs per weight element (recorded on the example input) times its
 new weight size. Both are exact for the layers, norms and their parameters the analysis follows,
-including a weight whose input and output channels both shrink.
+including a weight whose input and output channels both shrink. Latency is predicted by a
+latency model measured on the device (structure.latency).
 """
 
 import math
@@ -18,11 +19,14 @@ import torch
 from .. import choices
 from ..choices import Scope, Target
 from .analysis import Analysis
+from .latency import LatencyModel
 
 
-def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None) -> dict[str, int]:
+def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None,
+         latency: Optional[LatencyModel] = None) -> dict[str, float]:
     """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
-    channels of group ``i`` (every channel of the groups not named)."""
+    channels of group ``i`` (every channel of the groups not named), and its predicted latency
+    in ms when a ``latency`` model (structure.latency) is given."""
     kept = kept or {}
     dim_sizes: dict[tuple[str, int], int] = {}  # (parameter, dim) -> its size after pruning
     for i, group in enumerate(analysis.groups):
@@ -31,22 +35,29 @@ def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None) -> dict[str,
             dim_sizes[key] = dim_sizes.get(key, 0) + kept.get(i, group.size)
     numel = {name: math.prod(dim_sizes.get((name, d), n) for d, n in enumerate(shape))
              for name, shape in analysis.shapes.items()}
-    return {
+    costs: dict[str, float] = {
         "params": sum(numel.values()),
         "flops": sum(f * numel[name] for name, f in analysis.flops_per_weight.items()),
         "channels": sum(kept.get(i, g.size) for i, g in enumerate(analysis.groups) if g.prunable),
     }
+    if latency is not None:
+        costs["latency"] = latency.predict(kept)
+    return costs
 
 
 def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
                     amount: Optional[float] = None, at_most: Optional[float] = None,
                     target: Target = "flops", scope: Scope = "global", min_channels: int = 1,
                     max_ratio: float = 0.9, round_to: int = 1,
-                    original_sizes: Optional[Sequence[int]] = None) -> dict[int, torch.Tensor]:
+                    original_sizes: Optional[Sequence[int]] = None,
+                    latency: Optional[LatencyModel] = None) -> dict[int, torch.Tensor]:
     """The channels to keep, ``{group index: sorted indices}``, removing at least ``amount``
-    (0 to 1) of the model's ``target`` ("channels" of prunable groups, "params" or conv and linear
-    "flops"), or as much as leaves at most ``at_most`` of it (a budget: 2e9 FLOPs, 1000 channels),
-    lowest ``scores[i]`` (one score per channel of group ``i``) first.
+    (0 to 1) of the model's ``target`` ("channels" of prunable groups, "params", conv and linear
+    "flops", or "latency" predicted by the ``latency`` model), or as much as leaves at most
+    ``at_most`` of it (a budget: 2e9 FLOPs, 1000 channels, 20 ms), lowest ``scores[i]`` (one score
+    per channel of group ``i``) first. For a latency target the ranking is by score per
+    millisecond a channel's removal saves (a greedy knapsack, as HALP's, Shen et al. 2022): the
+    most latency for the least score.
 
     scope "global" ranks every channel of every scored group together (scores must be comparable
     across groups); "layer" removes the same fraction from each group. No group keeps fewer
@@ -60,18 +71,21 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
     """
     choices.check("target", target, Target)
     choices.check("scope", scope, Scope)
+    if target == "latency" and latency is None:
+        raise ValueError("target='latency' needs a latency model: latency=latency_model(model, ...)")
     if (amount is None) == (at_most is None):
         raise ValueError("give either amount (the fraction to remove) or at_most (a budget)")
     if at_most is not None:
         if not 0 < at_most:
             raise ValueError(f"at_most is the {target} to keep, above 0; got {at_most}")
-        amount = max(0.0, 1 - at_most / cost(analysis)[target])
+        amount = max(0.0, 1 - at_most / cost(analysis, latency=latency)[target])
     assert amount is not None
     if not 0 <= amount < 1:
         raise ValueError(f"amount is the fraction to remove, in [0, 1); got {amount}")
     if original_sizes is not None and len(original_sizes) != len(analysis.groups):
         raise ValueError(f"original_sizes has {len(original_sizes)} groups, the model "
                          f"{len(analysis.groups)}: it must come from the same model before pruning")
+    saved = latency.per_channel() if target == "latency" and latency is not None else {}
     groups, ranking = {}, []  # ranking: (score, group) of every scored channel, lowest first
     for i, s in scores.items():
         analysis.check_prunable(i)
@@ -82,9 +96,11 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
         original = group.size if original_sizes is None else original_sizes[i]
         floor = min(group.size, max(min_channels, math.ceil(original * (1 - max_ratio))))
         groups[i] = (s.argsort(descending=True), floor)  # best first
+        if target == "latency":  # score per ms saved; a group whose removal saves nothing, last
+            s = s / saved[i] if saved[i] > 0 else torch.full_like(s, math.inf)
         ranking += [(float(v), i) for v in s]
     ranking.sort()
-    full = cost(analysis)[target]
+    full = cost(analysis, latency=latency)[target]
 
     def kept_counts(step: int, steps: int) -> dict:
         if scope == "global":  # the `step` lowest-scored channels of the ranking go
@@ -101,13 +117,13 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
         return counts
 
     def reached(step: int, steps: int) -> bool:
-        return cost(analysis, kept_counts(step, steps))[target] <= (1 - amount) * full
+        return cost(analysis, kept_counts(step, steps), latency)[target] <= (1 - amount) * full
 
     steps = len(ranking) if scope == "global" else 1000
     low, high = 0, steps  # the smallest step that reaches the target, by bisection
     if not reached(high, steps):
         warnings.warn(f"the limits allow removing only "
-                      f"{1 - cost(analysis, kept_counts(high, steps))[target] / full:.1%} of the "
+                      f"{1 - cost(analysis, kept_counts(high, steps), latency)[target] / full:.1%} of the "
                       f"{target}, short of {amount:.1%}", stacklevel=2)
         low = high
     while low < high:
