@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .scoring.scores import device_of, split_batch
+from ._inputs import device_of, split_batch
 
 Norm = torch.nn.modules.batchnorm._BatchNorm
 

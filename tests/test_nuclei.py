@@ -138,7 +138,7 @@ def test_sweep_prunes_fine_tunes_restores_and_resumes(tmp_path):
     assert [(r["scope"], r["cr"]) for r in rows] == [(s, c) for s in ("layer", "global") for c in (1, 4, 16)]
     for r in rows:
         assert r["sparsity"] == pytest.approx(magnitude.sparsity_for(r["cr"]), abs=2e-3)
-        assert {"dice", "mse", "aji", "pq"} <= r.keys()
+        assert {"dice", "mse", "aji", "pq", "dice_pruned", "dice_recalibrated"} <= r.keys()
     layer16 = next(r for r in rows if r["scope"] == "layer" and r["cr"] == 16)
     # CR 1 prunes nothing and every point fine-tunes from the same random state: scopes agree
     def numbers(row):
@@ -162,14 +162,14 @@ def test_sweep_prunes_fine_tunes_restores_and_resumes(tmp_path):
 
 
 def test_one_shot_point_is_the_trained_model_pruned_once(tmp_path):
-    """Without fine-tuning, a one-shot point is the trained model pruned straight to its CR, each
-    network by its own threshold: evaluated the same as pruning a copy by hand."""
+    """Without fine-tuning or re-calibration, a one-shot point is the trained model pruned straight
+    to its CR, each network by its own threshold: evaluated the same as pruning a copy by hand."""
     torch.manual_seed(0)
     model = NucleiNet("Unet", "resnet18")
     train, val = nuclei_datasets(None, count=4, size=64, val_count=2)
     trainer = Trainer(model, TASK, train, val, TrainConfig(batch_size=2), progress=False)
     rows = sweep.compression_sweep(trainer, crs=(4, 16), scopes=("global",), gradual=False,
-                                   finetune_epochs=0, first=False)
+                                   finetune_epochs=0, first=False, bn_recal_images=0)
     by_hand = copy.deepcopy(model)
     for network in by_hand.networks().values():
         magnitude.magnitude_prune_(network, magnitude.sparsity_for(16), scope="global", first=False)

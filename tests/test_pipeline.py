@@ -50,6 +50,7 @@ def test_iterative_pruning_reaches_the_flops_target(tmp_path, schedule):
                                                 finetune_lr=2e-4, **schedule))
     assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9) < rows[-2]["gflops"]
     assert all(0 <= r["dice_pruned"] <= 1 for r in rows[1:])  # measured before each fine-tuning
+    assert all(0 <= r["dice_recalibrated"] <= 1 for r in rows[1:])  # and after re-calibration
     assert trainer.optimizer.param_groups[0]["initial_lr"] == 2e-4
     assert [r["step"] for r in rows] == list(range(len(rows)))
     if "steps" in schedule:  # the same share of FLOPs each step
@@ -98,12 +99,27 @@ def test_cli_train_prune_eval(tmp_path, capsys):
         assert (tmp_path / "pruned" / name).exists(), name
     rows = json.loads((tmp_path / "pruned" / "pruning_log.json").read_text())
     assert rows[-1]["gflops"] <= 0.7 * rows[0]["gflops"] * (1 + 1e-9)
+    # latency only from the pair timed round-robin at the end
+    assert [("ms" in r) for r in rows] == [True] + [False] * (len(rows) - 2) + [True]
+    assert "speed-up" in (tmp_path / "pruned" / "report.md").read_text()
     capsys.readouterr()
     cli.main(["eval", "--checkpoint", str(tmp_path / "pruned"), *TINY])
     assert 0 <= json.loads(capsys.readouterr().out)["dice"] <= 1
     cli.main(["sparsify", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sparse"),
               "--sparsity", "0.5", "--finetune-epochs", "1", *TINY])
     assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_iterative_pruning_to_a_latency_target(tmp_path, monkeypatch):
+    """The goal is the latency the device's latency model predicts; the rows carry it."""
+    monkeypatch.setenv("POLYPRUNE_CACHE", str(tmp_path / "cache"))
+    trainer = tiny_trainer(None)
+    config = PruneConfig(target="latency", amount=0.3, steps=1, score_batches=1, finetune_epochs=0,
+                         bn_recal_images=0, latency_threads=1)
+    rows = iterative_prune(trainer, config)
+    assert len(rows) == 2 and "dice_recalibrated" not in rows[1]
+    assert rows[1]["predicted_ms"] <= 0.7 * rows[0]["predicted_ms"] * (1 + 1e-9)
+    assert list((tmp_path / "cache").glob("latency-*.json"))  # measured once, cached
 
 
 def test_cli_refuses_a_missing_checkpoint(tmp_path):

@@ -5,13 +5,15 @@ first-order change of L = <gy, y> when channel c of sample n is scaled away, i.e
 oracle gets it from autograd in float64, without the hooks or the kernel.
 """
 
+import copy
 import json
 
 import pytest
 import torch
 
 import polyprune_ext
-from polyprune_ext import analyze, baseline_scores, cost, model_stats, score, select_channels
+from polyprune_ext import (analyze, baseline_scores, cost, model_stats, recalibrate_bn, score,
+                           select_channels)
 from polyprune_ext.scoring.baselines import weight_scores
 from polyprune_ext.scoring.taylor import unit_output_gradient
 from polyprune_ext.testing import Tokens, Toy, randomize_norms
@@ -304,8 +306,14 @@ def test_pruner_prunes_and_training_goes_on():
         optimizer.step()
         optimizer.zero_grad()
     before = model_stats(model, x[:1]).flops
-    pruner.prune(0.3, target="flops")
+    twin = copy.deepcopy(model)
+    step = pruner.prune(0.3, target="flops", data=[x, x * 2])  # then BatchNorms re-estimated
     assert model_stats(model, x[:1]).flops <= 0.7 * before
+    polyprune_ext.PruningPlan([1, *x.shape[1:]]).prune_(
+        twin, analyze(twin, x[:1]), {int(i): k for i, k in step["keep"].items()})
+    recalibrate_bn(twin, [x, x * 2])
+    for (name, ours), theirs in zip(model.named_buffers(), twin.buffers()):
+        assert torch.equal(ours, theirs), name
     assert pruner.stats["batches"] == 0  # scores reset, on a new analysis
     with pruner.scoring():
         mse(model(x), target).backward()

@@ -3,6 +3,7 @@ fine-tuning, and print the before/after table; everything on this machine, a few
 CPU cores."""
 
 import argparse
+import copy
 from pathlib import Path
 
 from ..engine import PruneConfig, seed_everything
@@ -23,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--step", type=float, default=0.25,
                    help="fraction of the remaining channels removed per step (default %(default)s)")
     p.add_argument("--score-batches", type=int, default=4, help="batches scored per step (default %(default)s)")
+    options.add_recalibration(p)
     options.add_finetuning(p, epochs=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the final latency measurement (default: torch's)")
     p.add_argument("--out", default="runs/demo", help="(default %(default)s)")
     options.add_run(p)
     p.set_defaults(run=run)
@@ -38,7 +42,7 @@ def run(args: argparse.Namespace) -> None:
     trainer.fit(args.epochs)
     trainer.out_dir = out / "pruned"
     config = PruneConfig(amount=args.amount, step=args.step, score_batches=args.score_batches,
-                         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
-                         seed=args.seed)
-    run_pruning(trainer, config, args, out / "pruned",
+                         bn_recal_images=args.bn_recal_images, finetune_epochs=args.finetune_epochs,
+                         finetune_lr=args.finetune_lr, seed=args.seed)
+    run_pruning(trainer, copy.deepcopy(trainer.model), config, args, out / "pruned",
                 heading="polyprune demo: TaylorFO pruning on synthetic polyps")

@@ -10,6 +10,7 @@ import torch
 from .. import choices
 from ..choices import Criterion, Grad, Reduce, Scope
 from ..engine import PruneConfig, TrainConfig, Trainer
+from ..engine.iterative import TARGETS
 from ..engine.task import Task
 from ..structure.plan import PruningPlan, load, read_plan
 from ..tasks import NAMES, get_task, task_of
@@ -62,8 +63,12 @@ def add_structured(p: argparse.ArgumentParser, *, amount: float = 0.5, step: flo
                         "(Sapkota et al. 2023), the loss gradient, or random (default %(default)s)")
     p.add_argument("--reduce", choices=choices.names(Reduce), default="abs_sum",
                    help="how per-sample scores are summed over the batch (default %(default)s)")
-    p.add_argument("--target", choices=("flops", "params"), default="flops",
-                   help="what --amount is a fraction of (default %(default)s)")
+    p.add_argument("--target", choices=TARGETS, default="flops",
+                   help="what --amount is a fraction of: latency is predicted by a latency model "
+                        "measured on --device with --threads (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the deployment: the latency model's and the final "
+                        "latency measurement's (default: torch's, one per core)")
     p.add_argument("--amount", type=float, default=amount,
                    help="fraction of the target to remove (default %(default)s)")
     p.add_argument("--step", type=float, default=step,
@@ -74,13 +79,21 @@ def add_structured(p: argparse.ArgumentParser, *, amount: float = 0.5, step: flo
                    help="one ranking over the network, or the same fraction per layer (default %(default)s)")
     p.add_argument("--score-batches", type=int, default=score_batches,
                    help="batches scored per step (default %(default)s)")
-    p.add_argument("--round-to", type=int, default=1,
-                   help="keep multiples of this many channels (default %(default)s)")
+    p.add_argument("--round-to", type=int, default=None,
+                   help="keep multiples of this many channels (default: 1, or for a latency "
+                        "target the device's, measured)")
     p.add_argument("--normalize-layers", action="store_true",
                    help="divide each layer's scores by their L2 norm before the global ranking")
     p.add_argument("--flops-weighted", action="store_true",
                    help="rank channels by score per FLOP they cost")
+    add_recalibration(p)
     add_finetuning(p, epochs=finetune_epochs)
+
+
+def add_recalibration(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bn-recal-images", type=int, default=256,
+                   help="training images the BatchNorm statistics are re-estimated on after each "
+                        "prune, before fine-tuning; 0: never (default %(default)s)")
 
 
 def add_finetuning(p: argparse.ArgumentParser, *, epochs: int) -> None:
@@ -96,8 +109,9 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(target=args.target, amount=args.amount, step=args.step, steps=args.steps,
                        criterion=args.criterion, grad=args.grad, reduce=args.reduce,
                        normalize_layers=args.normalize_layers, flops_weighted=args.flops_weighted,
-                       score_batches=args.score_batches, finetune_epochs=args.finetune_epochs,
-                       finetune_lr=args.finetune_lr, scope=args.scope, round_to=args.round_to,
+                       score_batches=args.score_batches, bn_recal_images=args.bn_recal_images,
+                       finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+                       scope=args.scope, round_to=args.round_to, latency_threads=args.threads,
                        seed=args.seed)
 
 

@@ -2,12 +2,13 @@
 FLOPs or params target, with a log row, a plot and a report written as it goes."""
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     model, plan = options.load_checkpoint(args.checkpoint)
+    unpruned = copy.deepcopy(model)
     task = options.resolve_task(args, plan)
     out = Path(args.out)
     trainer = options.trainer_for(task, args, model, out, plan=plan, lr=args.finetune_lr)
@@ -43,31 +45,37 @@ def run(args: argparse.Namespace) -> None:
         trainer.resume()
         rows = json.loads((out / "pruning_log.json").read_text())
         print(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}", file=sys.stderr)
-    run_pruning(trainer, options.prune_config(args), args, out,
-                heading="TaylorFO structured pruning", rows=rows)
+    config = options.prune_config(args)
+    run_pruning(trainer, unpruned, config, args, out, rows=rows,
+                heading=f"Structured pruning ({config.criterion}"
+                        + (f", {config.grad} gradients)" if config.criterion == "taylor" else ")"))
 
 
-def latency_columns(device: str, size: int) -> Callable[[torch.nn.Module], dict[str, Any]]:
-    """Batch-1 fp32 latency on the run's device: the column every log row carries."""
-    def measure(model: torch.nn.Module) -> dict[str, Any]:
-        row = speed.latency(model, batch=1, size=size, device=device, warmup=3, repeats=10)
-        return {"ms": row["ms"], "fps": row["fps"]}
-    return measure
-
-
-def run_pruning(trainer: Trainer, config: PruneConfig, args: argparse.Namespace, out: Path,
-                heading: str, rows: Optional[list] = None) -> list:
-    """Iterative pruning with logs, plot and report written as it goes; prints the table."""
+def run_pruning(trainer: Trainer, unpruned: torch.nn.Module, config: PruneConfig,
+                args: argparse.Namespace, out: Path, heading: str,
+                rows: Optional[list] = None) -> list:
+    """Iterative pruning with logs, plot and report written as it goes; then the unpruned and
+    the pruned model timed round-robin (batch 1, the run's device and threads), the only
+    latencies the log and the report give; prints the table."""
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     size = args.size or trainer.task.size
-    rows = iterative_prune(trainer, config, measure=latency_columns(args.device, size),
-                           on_step=lambda rows: report.write_rows(rows, out), rows=rows)
+    rows = iterative_prune(trainer, config, on_step=lambda rows: report.write_rows(rows, out), rows=rows)
+    print(f"timing the unpruned and the pruned model at batch 1, {size}x{size}, round-robin",
+          file=sys.stderr, flush=True)
+    timed = speed.compare({"unpruned": unpruned, "pruned": trainer.model}, batch=1, size=size,
+                          device=args.device, threads=args.threads)
+    for row, key in ((rows[0], "unpruned"), (rows[-1], "pruned")):
+        row.update(ms=timed[key]["ms"], ms_p10=timed[key]["ms_p10"], ms_p90=timed[key]["ms_p90"],
+                   fps=timed[key]["fps"])
+    report.write_rows(rows, out)
     metrics, headline = trainer.task.reported, trainer.task.reported[0]
     plot = out / f"{headline.key}_vs_flops.png"
     plotted = report.plot_against_flops(rows, headline, plot)
     details = [f"- command: `polyprune {' '.join(sys.argv[1:])}`",
                f"- data: {args.data}, {size}x{size}, device {args.device}",
+               f"- latency: batch 1, {timed['pruned']['threads']} threads, median of "
+               f"{timed['pruned']['repeats']} runs each, unpruned and pruned timed round-robin at the end",
                f"- pruning: {json.dumps(dataclasses.asdict(config))}",
                f"- wall time: {time.time() - start:.0f} s",
                f"- plot: {plot.name}" if plotted else "- plot: matplotlib is not installed"]

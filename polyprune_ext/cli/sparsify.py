@@ -8,6 +8,7 @@ from pathlib import Path
 from .. import choices
 from ..choices import Scope
 from ..engine import seed_everything
+from ..engine.iterative import after_prune
 from ..unstructured import magnitude
 from . import options
 
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="fraction of conv weights zeroed (default %(default)s)")
     p.add_argument("--scope", choices=choices.names(Scope), default="global",
                    help="one network-wide threshold, or the same sparsity per layer (default %(default)s)")
+    options.add_recalibration(p)
     options.add_finetuning(p, epochs=3)
     options.add_task(p, from_checkpoint=True)
     options.add_data(p)
@@ -34,9 +36,10 @@ def run(args: argparse.Namespace) -> None:
     trainer = options.trainer_for(task, args, model, Path(args.out), plan=plan, lr=args.finetune_lr)
     before = trainer.evaluate()
     reached = magnitude.magnitude_prune_(trainer.model, args.sparsity, scope=args.scope)
+    measured = after_prune(trainer, args.bn_recal_images)
     with trainer.checkpoints_paused():  # a checkpoint holding the masks would not load
         trainer.fit(args.finetune_epochs, phase="fine-tune")
     magnitude.make_permanent_(trainer.model)
     trainer.save()
     after = trainer.evaluate()
-    print(json.dumps({"sparsity": reached, "before": before, "after": after}, indent=1))
+    print(json.dumps({"sparsity": reached, "before": before, **measured, "after": after}, indent=1))

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="compression ratios: prunable weights / remaining weights (default %(default)s)")
     p.add_argument("--scopes", nargs="+", choices=choices.names(Scope), default=["layer", "global"],
                    help="(default %(default)s)")
+    options.add_recalibration(p)
     options.add_finetuning(p, epochs=2)
     p.add_argument("--one-shot", action="store_true",
                    help="prune the trained model afresh at each CR (default: gradually)")
@@ -51,7 +52,8 @@ def run(args: argparse.Namespace) -> None:
     rows = compression_sweep(
         trainer, crs=args.crs, scopes=args.scopes, finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr, gradual=not args.one_shot, first=not args.keep_first,
-        last=not args.keep_last, biases=args.biases, out_dir=out / "points", rows=rows,
+        last=not args.keep_last, biases=args.biases, bn_recal_images=args.bn_recal_images,
+        out_dir=out / "points", rows=rows,
         on_row=lambda rows: report.write_rows(rows, out, "sweep"))
     plotted = sweep.plot_sweep(rows, task.reported, out / "sweep.png")
     size = args.size or task.size

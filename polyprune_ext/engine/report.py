@@ -28,7 +28,11 @@ def write_rows(rows: list[Row], out_dir: PathLike, name: str = "pruning_log") ->
 
 def _columns(metrics: Sequence[Metric]) -> list[tuple[str, str, str]]:
     """(row key, title, format) of the columns people compare, in order."""
+    headline = metrics[0]
     return [("step", "step", "{}"), ("params", "params (M)", "{:.2f}"), ("gflops", "GFLOPs", "{:.2f}"),
+            ("predicted_ms", "predicted ms", "{:.1f}"),
+            (f"{headline.key}_pruned", f"{headline.title} after the prune", "{:.4f}"),
+            (f"{headline.key}_recalibrated", f"{headline.title} re-calibrated", "{:.4f}"),
             *((m.key, m.title, "{:.4f}") for m in metrics),
             ("ms", "latency ms", "{:.1f}"), ("fps", "FPS", "{:.1f}")]
 

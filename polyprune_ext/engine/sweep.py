@@ -25,6 +25,7 @@ import torch
 from ..choices import Scope
 from ..unstructured import magnitude
 from ..unstructured.sparse_checkpoint import load_compressed, save_compressed
+from .iterative import after_prune
 from .report import save_figure
 from .task import Metric
 from .trainer import FineTuner
@@ -45,6 +46,7 @@ def compression_sweep(tuner: FineTuner, *, crs: Sequence[float] = CRS,
                       scopes: Sequence[Scope] = SCOPES, finetune_epochs: int = 1,
                       finetune_lr: Optional[float] = None, gradual: bool = True,
                       first: bool = True, last: bool = True, biases: bool = False,
+                      bn_recal_images: int = 256,
                       out_dir: Union[str, Path, None] = None, rows: Optional[list[Row]] = None,
                       on_row: Optional[Callable[[list[Row]], None]] = None) -> list[Row]:
     """Rows ``{"scope", "cr", "sparsity", <tuner.evaluate() metrics>, "dense_mb",
@@ -55,7 +57,10 @@ def compression_sweep(tuner: FineTuner, *, crs: Sequence[float] = CRS,
     Each point fine-tunes with a fresh AdamW at ``finetune_lr`` (default the training rate),
     cosine over its epochs: a trained model wants a smaller rate than training from scratch, or
     the first steps undo more than the pruning did. ``first``, ``last``, ``biases``: the scope of
-    magnitude.prunable_tensors. ``out_dir``: where each point's compressed checkpoint goes
+    magnitude.prunable_tensors. Before fine-tuning, the BatchNorm statistics are re-estimated on
+    ``bn_recal_images`` training images (0: never; the pruned weights move them too), and each
+    row also holds the headline metric right after the prune and after the re-calibration.
+    ``out_dir``: where each point's compressed checkpoint goes
     (needed to resume a gradual sweep). ``rows``: those logged so far, to resume;
     ``on_row(rows)`` after each new one."""
     if any(cr < 1 for cr in crs):
@@ -66,7 +71,7 @@ def compression_sweep(tuner: FineTuner, *, crs: Sequence[float] = CRS,
     model = tuner.model
     sweep = _Sweep(tuner, list(model.networks().values()) if hasattr(model, "networks") else [model],
                    copy.deepcopy(model.state_dict()), dict(first=first, last=last, biases=biases),
-                   out_dir, list(rows or []), on_row)
+                   bn_recal_images, out_dir, list(rows or []), on_row)
     try:
         with tuner.checkpoints_paused():  # per-epoch saves would hold the masks
             for scope in scopes:
@@ -83,6 +88,7 @@ class _Sweep:
     networks: list[torch.nn.Module]
     trained: dict[str, torch.Tensor]  # the model's state as trained
     options: dict[str, bool]  # first, last, biases: what magnitude pruning covers
+    bn_recal_images: int
     out_dir: Union[str, Path, None]
     rows: list[Row]
     on_row: Optional[Callable[[list[Row]], None]]
@@ -103,10 +109,11 @@ class _Sweep:
             for network in self.networks:
                 magnitude.magnitude_prune_(network, magnitude.sparsity_for(cr), scope=scope,
                                            **self.options)
-            self.tuner.restart(finetune_lr)
+            self.tuner.restart(finetune_lr)  # the same start for both scopes, recalibration too
+            measured = after_prune(self.tuner, self.bn_recal_images)
             self.tuner.fit(finetune_epochs, phase=f"{SCOPE_NAMES[scope]} CR {cr:g}")
             row = {"scope": scope, "cr": cr, "sparsity": _sparsity(self.networks, self.options),
-                   **self.tuner.evaluate()}
+                   **measured, **self.tuner.evaluate()}
             row.update(_save_point(self.tuner.model, self.out_dir, scope, cr))
             self.rows.append(row)
             previous = held = cr

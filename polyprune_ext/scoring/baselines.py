@@ -13,7 +13,8 @@ import torch
 from .. import choices
 from ..choices import Baseline
 from ..structure.analysis import Analysis, analyze
-from .scores import Scores, device_of, weigh_scores
+from .._inputs import device_of
+from .scores import Scores, weigh_scores
 
 
 def baseline_scores(model: torch.nn.Module, criterion: Baseline, *,

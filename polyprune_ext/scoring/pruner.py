@@ -20,15 +20,18 @@ again (and recompile it) before training on.
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
+from ..batchnorm import recalibrate_bn
 from ..choices import Backend, Grad, NonFinite, Reduce, Scope, Target
 from ..structure.analysis import analyze
+from ..structure.latency import LatencyModel
 from ..structure.plan import PruningPlan, save
 from ..structure.policy import select_channels
-from .scores import device_of, weigh_scores
+from .._inputs import device_of
+from .scores import weigh_scores
 from .taylor import TaylorAccumulator, per_sample_scale
 
 
@@ -103,11 +106,15 @@ class Pruner:
                 "skipped_samples": acc.skipped_samples}
 
     def prune(self, amount: float, *, target: Target = "flops", scope: Scope = "global",
-              min_channels: int = 1, max_ratio: float = 0.9, round_to: int = 1) -> dict[str, Any]:
+              min_channels: int = 1, max_ratio: float = 0.9, round_to: int = 1,
+              latency: Optional[LatencyModel] = None, data: Optional[Iterable] = None,
+              bn_recal_images: Optional[int] = 256) -> dict[str, Any]:
         """Remove the lowest-scoring channels: ``amount`` of the model's ``target`` (see
-        policy.select_channels for the options; ``max_ratio`` bounds all prunes together).
-        Resets the scores; returns the step (also recorded in ``self.plan``, which ``save``
-        writes beside the weights)."""
+        policy.select_channels for the options and the ``latency`` model a latency target
+        needs; ``max_ratio`` bounds all prunes together). With ``data`` (a loader of training
+        batches), the BatchNorm statistics are then re-estimated on ``bn_recal_images`` of its
+        images (batchnorm.recalibrate_bn; None: all). Resets the scores; returns the step (also
+        recorded in ``self.plan``, which ``save`` writes with the weights)."""
         if self.accumulator.batches == 0:
             raise RuntimeError(f"no batch has been scored ({self.accumulator.skipped_batches} "
                                "skipped for NaN or Inf): run training steps inside "
@@ -115,8 +122,11 @@ class Pruner:
         original = self.plan.original_group_sizes(self.analysis)
         keep = select_channels(self.analysis, self.scores(), amount=amount, target=target,
                                scope=scope, min_channels=min_channels, max_ratio=max_ratio,
-                               round_to=round_to, original_sizes=original)
+                               round_to=round_to, original_sizes=original,
+                               latency=latency.rebind(self.analysis, self.module) if latency else None)
         step = self.plan.prune_(self.module, self.analysis, keep, self.optimizer)
+        if data is not None and keep:
+            recalibrate_bn(self.module, data, bn_recal_images)
         self._analyze()
         return step
 

@@ -43,7 +43,8 @@ from ..choices import Backend, Grad, NonFinite, Reduce
 from ..ops import reference
 from ..structure.analysis import Analysis, analyze
 from ..structure.spaces import Gate
-from .scores import Scores, device_of, split_batch, weigh_scores
+from .._inputs import device_of, split_batch
+from .scores import Scores, weigh_scores
 
 
 class TaylorAccumulator:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import platform
+import typing
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -119,6 +120,14 @@ class LatencyModel:
         self.constant, self.per_activation = constant, per_activation
         self.round_to, self.setting = round_to, setting
         self.measured = measured  # timings taken to build it (0: all from the cache)
+
+    def rebind(self, analysis: Analysis, model: torch.nn.Module) -> "LatencyModel":
+        """The same measurements for ``model`` pruned further since (its new ``analysis``): the
+        tables hold absolute widths, and a pruned conv's widths lie inside its table."""
+        convs = [dataclasses.replace(c, module=typing.cast(ConvNd, model.get_submodule(c.name.rsplit(".", 1)[0])))
+                 for c in self.convs]
+        return LatencyModel(analysis, convs, self.tables, self.constant, self.per_activation,
+                            self.round_to, self.setting)
 
     def widths(self, kept: Optional[dict[int, int]] = None) -> dict[tuple[str, int], int]:
         """(weight name, dim) -> its size after keeping ``kept[i]`` channels of group i."""
