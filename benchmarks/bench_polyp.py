@@ -1,24 +1,23 @@
-"""Polyp segmentation on real data: Dice, IoU and latency of pruned against unpruned models.
+"""Polyp segmentation on Kvasir-SEG: does pruning pay off, and is TaylorFO the criterion to use?
 
-Kvasir-SEG (../shared/data/kvasir-seg), a fixed split (--val-count 120 of 1000, seed 0). The
-unpruned model is trained from scratch once (its checkpoint is reused when the directory holds
-one). Every pruned model starts from that checkpoint with a fresh AdamW and the same budget:
---steps steps, each removing the same share of FLOPs, --finetune-epochs after each; the
-score-based criteria rank channels with the same --weighting. Rows:
-  - the control: the unpruned model fine-tuned on the same schedule, nothing removed (what the
-    extra epochs alone change);
-  - normalized TaylorFO at every --reductions (-25%, -50%, -75% FLOPs by default);
-  - at -50%: loss TaylorFO, random-gradient TaylorFO, L1 magnitude, random;
-  - at -50%, with --torch-pruning: Torch-Pruning's Taylor and L1 magnitude importance on the same
-    model, pruned to the same FLOPs after each step as our normalized run, with the same
-    fine-tuning (benchmark-only install: pip install ../shared/wheels/torch_pruning-*.whl).
-With --one-shot, instead: every criterion, with raw and per-layer normalised scores, prunes the
-trained model once to each --reductions, with no fine-tuning, and the table gives the Dice each
-keeps: what the criterion alone is worth.
-Latency: batch 1 at --size, fp32, on --device, measured at the end for every final model in
-turn, --latency-rounds times round-robin after one untimed round (each a median of 10 after
-warm-up), so that all models see the same machine; the median over rounds is reported. Prints a table and appends it to
-benchmarks/RESULTS.md.
+The fixed 880/120 split; one unpruned model trained from scratch and shared; then, for every seed
+(the scoring batches, the re-calibration images and the fine-tuning order):
+
+  - one-shot: the trained model pruned once to -25% and -50% FLOPs, no fine-tuning, the Dice
+    right after the prune and after re-estimating the BatchNorm statistics, for every criterion
+    (TaylorFO with normalized, loss and random gradients, L1, BN scale, random; Torch-Pruning's
+    Taylor and magnitude importance, re-calibrated too), on raw and on per-layer normalised scores;
+  - iterative: --steps equal steps to -50% FLOPs and to -50% predicted latency (the latency
+    model of the unpruned network, batch 1 at --latency-size on --latency-threads threads), each
+    step re-calibrated and fine-tuned --finetune-epochs, the same budget for every criterion
+    (Torch-Pruning only to the FLOPs target: it has no latency target);
+  - latency: every final model and the unpruned one at batch 1, --latency-size, timed
+    round-robin in one process (speed.compare), at 1 thread and at all threads.
+
+Tables: mean ± std over the seeds. Every run writes its results as it goes and is skipped when
+found finished, so an interrupted benchmark resumes where it stopped (--out keeps them).
+Phases: --phases train oneshot iterative latency report (default all; timing wants a quiet
+machine, so `latency` can run alone later).
 """
 
 import argparse
@@ -29,51 +28,48 @@ from pathlib import Path
 
 import torch
 
-from _common import add_options, append_if_asked, heading
+from _common import add_options, append_if_asked, heading, setup
 
 import polyprune_ext
-from polyprune_ext import model_stats, select_channels, speed
+from polyprune_ext import model_stats, recalibrate_bn, select_channels, speed
 from polyprune_ext.engine import PruneConfig, TrainConfig, Trainer, iterative_prune, report, seed_everything
 from polyprune_ext.engine.iterative import step_scores
 from polyprune_ext.models import smp_model
-from polyprune_ext.tasks.metrics import dice_bce_loss
+from polyprune_ext.structure import prune_, read_plan
 from polyprune_ext.tasks.polyp import TASK
 
-# name in the tables -> (criterion, grad), in the library's vocabulary
-CRITERIA = {"taylor/normalized": ("taylor", "normalized"), "taylor/loss": ("taylor", "loss"),
-            "taylor/random": ("taylor", "random"), "l1": ("l1", "normalized"),
-            "random": ("random", "normalized")}
+# name in the tables -> (criterion, grad), in the library's vocabulary; "tp/..." are Torch-Pruning's
+OURS = {"taylor/normalized": ("taylor", "normalized"), "taylor/loss": ("taylor", "loss"),
+        "taylor/random": ("taylor", "random"), "l1": ("l1", "normalized"),
+        "bn_scale": ("bn_scale", "normalized"), "random": ("random", "normalized")}
+THEIRS = ("tp/taylor", "tp/magnitude")
 
 
-def trainer(model, args, out_dir, plan=None, lr=None):
-    """A Trainer on the benchmark's split; ``lr``: AdamW's rate (default --lr, for training)."""
+def trainer(model, args, out_dir, seed, plan=None, lr=None):
+    """A Trainer on the fixed split, its batch order and augmentations drawn from ``seed``."""
     train, val = TASK.load_data(args.data, size=args.size, val_count=args.val_count, seed=0)
-    config = TrainConfig(batch_size=args.batch_size, lr=lr or args.lr, seed=0)
+    config = TrainConfig(batch_size=args.batch_size, lr=lr or args.lr, seed=seed)
     return Trainer(model, TASK, train, val, config, device=args.device, out_dir=out_dir, plan=plan,
                    progress=False)
 
 
-def latencies(models, args):
-    """Batch-1 milliseconds of each model, measured round-robin (see the module docstring)."""
-    times = {key: [] for key in models}
-    for round in range(args.latency_rounds + 1):  # the first round warms the machine up, untimed
-        for key, model in models.items():
-            row = speed.latency(model, batch=1, size=args.size, device=args.device, warmup=3, repeats=10)
-            if round:
-                times[key].append(row["ms"])
-    return {key: statistics.median(t) for key, t in times.items()}
+def load_json(path):
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def row_of(t, step, example):
-    stats = model_stats(t.model, example)
-    return {"step": step, "params": stats.params, "gflops": stats.gflops, **t.evaluate()}
+def save_json(path, value):
+    """Whole or not at all: a kill leaves the previous file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    tmp.replace(path)
 
 
 def unpruned(args, out):
     """The trained unpruned checkpoint: trained now unless out/unpruned holds a finished one."""
     directory = out / "unpruned"
     seed_everything(0)
-    t = trainer(smp_model(args.arch, args.encoder), args, directory)
+    t = trainer(smp_model(args.arch, args.encoder), args, directory, seed=0)
     if (directory / "train_state.pt").exists():
         t.resume()
     if t.epoch < args.epochs:
@@ -83,101 +79,198 @@ def unpruned(args, out):
     return directory / "model.safetensors"
 
 
-def control(path, args, out):
-    """The unpruned model fine-tuned like the pruned ones (--steps phases of --finetune-epochs,
-    each with a fresh cosine schedule); resumes from out/control. (rows, model)."""
-    directory = out / "control"
-    seed_everything(0)
-    t = trainer(polyprune_ext.load(path), args, directory, plan=polyprune_ext.structure.read_plan(path),
-                lr=args.finetune_lr)
-    example = t.plan.example_input(t.device)
-    first = row_of(t, 0, example)
-    if (directory / "train_state.pt").exists():
-        t.resume()
-    for step in range(1, args.steps + 1):
-        phase = f"control step {step}"
-        t.fit(max(0, args.finetune_epochs - t.epochs_done(phase)), phase=phase)
-    return [first, row_of(t, args.steps, example)], t.model
-
-
-def ours(path, args, out, name, reduction):
-    """One pruning run in out/NAME-REDUCTION; a run interrupted (or finished) before resumes from
-    its rows.json and checkpoint, so a crash costs at most the step in progress. (rows, model)."""
-    directory = out / f"{name.replace('/', '-')}-{reduction}"
-    log = directory / "rows.json"  # written by report.write_rows, whole or not at all
-    seed_everything(0)
-    t = trainer(polyprune_ext.load(path), args, directory, plan=polyprune_ext.structure.read_plan(path),
-                lr=args.finetune_lr)
-    rows = None
-    if log.exists() and (directory / "train_state.pt").exists():
-        t.resume()
-        rows = json.loads(log.read_text())
-    criterion, grad = CRITERIA[name]
-    config = PruneConfig(amount=reduction, steps=args.steps, criterion=criterion, grad=grad,
-                         score_batches=args.score_batches, finetune_epochs=args.finetune_epochs,
-                         normalize_layers=args.weighting in ("layers", "both"),
-                         flops_weighted=args.weighting in ("flops", "both"))
-    rows = iterative_prune(t, config, rows=rows,
-                           on_step=lambda rows: report.write_rows(rows, directory, "rows"))
-    return rows, t.model
-
-
-def torch_pruning(path, args, out, importance, milestones):
-    """Torch-Pruning's MetaPruner, global pruning in small steps until each milestone (the GFLOPs
-    of our normalized run after each step), fine-tuned like ours after each; at most
-    --tp-max-ratio of any layer goes, as with our policy's max_ratio."""
+def tp_prune_to(t, args, importance, goal_gflops, batches):
+    """Torch-Pruning's MetaPruner, global pruning in 1% steps until the model has at most
+    ``goal_gflops``; at most --tp-max-ratio of any layer goes, as with our policy's max_ratio.
+    Taylor importance takes the loss gradients of ``batches`` scoring batches before each step."""
     import torch_pruning as tp
 
-    seed_everything(0)
-    t = trainer(polyprune_ext.load(path), args, None, lr=args.finetune_lr)
     model, example = t.model, torch.zeros(1, 3, args.size, args.size, device=t.device)
     imp = tp.importance.TaylorImportance() if importance == "taylor" else tp.importance.MagnitudeImportance(p=1)
     pruner = tp.pruner.MetaPruner(model, example, importance=imp, global_pruning=True,
-                                  pruning_ratio=0.95, iterative_steps=200,
+                                  pruning_ratio=0.95, iterative_steps=100,
                                   max_pruning_ratio=args.tp_max_ratio,
                                   ignored_layers=[model.segmentation_head])
-    rows = [row_of(t, 0, example)]
-    for step, goal in enumerate(milestones, 1):
-        while model_stats(model, example).gflops > goal:
-            if importance == "taylor":  # gradients of the loss over the scoring batches
-                model.zero_grad()
-                for i, (x, y) in enumerate(t.batches(t.train_loader)):
-                    if i == args.score_batches:
-                        break
-                    dice_bce_loss(model(x), y).backward()
-            pruner.step()
-        t.restart(args.finetune_lr)
-        pruned = t.evaluate()["dice"]
-        t.fit(args.finetune_epochs, phase=f"tp step {step}")
-        rows.append({**row_of(t, step, example), "dice_pruned": pruned})
-    return rows, model
+    while model_stats(model, example).gflops > goal_gflops:
+        if importance == "taylor":
+            model.zero_grad()
+            for i, (x, y) in enumerate(t.batches(t.train_loader)):
+                if i == batches:
+                    break
+                TASK.loss_fn(model(x), y).backward()
+        pruner.step()
+    model.zero_grad(set_to_none=True)
 
 
-def one_shot(path, args):
-    """Markdown rows: the validation Dice after one prune of the trained model to each reduction,
-    no fine-tuning, for every criterion, on raw and on per-layer normalised scores."""
-    t = trainer(polyprune_ext.load(path), args, None)
-    dice = t.evaluate()["dice"]
-    rows = ["| criterion | scores | " + " | ".join(f"Dice at -{r:.0%} FLOPs" for r in args.reductions) + " |",
-            "|---|---|" + "---|" * len(args.reductions),
-            "| unpruned | - | " + " | ".join(f"{dice:.4f}" for _ in args.reductions) + " |"]
-    for normalize_layers in (False, True):
-        for name, (criterion, grad) in CRITERIA.items():
-            seed_everything(0)
-            t.model = polyprune_ext.load(path).to(t.device)
-            config = PruneConfig(criterion=criterion, grad=grad, score_batches=args.score_batches,
-                                 normalize_layers=normalize_layers)
-            scores = step_scores(t, config, step=0)
-            cells = []
-            for reduction in args.reductions:
-                t.model = polyprune_ext.load(path).to(t.device)
-                keep = select_channels(scores.analysis, scores.values, amount=reduction, target="flops")
-                polyprune_ext.structure.prune_(t.model, scores.analysis, keep)
-                cells.append(f"{t.evaluate()['dice']:.4f}")
-            rows.append(f"| {name} | {'per-layer normalised' if normalize_layers else 'raw'} | "
-                        + " | ".join(cells) + " |")
-            print(rows[-1], flush=True)
+def one_shot(path, args, out):
+    """{f"{name}|{weighting}|{amount}|{seed}": {"pruned": Dice, "recalibrated": Dice}}."""
+    log = out / "oneshot.json"
+    results = load_json(log)
+    base = trainer(polyprune_ext.load(path), args, None, seed=0)
+    full = model_stats(base.model, base.plan.example_input()).gflops
+    results["unpruned"] = base.evaluate()["dice"]
+    for seed in args.seeds:
+        for weighting in ("raw", "layer"):
+            for name in [*OURS, *(THEIRS if weighting == "raw" and args.torch_pruning else ())]:
+                for amount in (0.25, 0.5):
+                    key = f"{name}|{weighting}|{amount}|{seed}"
+                    if key in results:
+                        continue
+                    seed_everything(seed)
+                    t = trainer(polyprune_ext.load(path), args, None, seed=seed)
+                    if name in OURS:
+                        criterion, grad = OURS[name]
+                        config = PruneConfig(criterion=criterion, grad=grad, score_batches=args.score_batches,
+                                             normalize_layers=weighting == "layer", seed=seed)
+                        scores = step_scores(t, config, step=0)
+                        keep = select_channels(scores.analysis, scores.values, amount=amount, target="flops")
+                        prune_(t.model, scores.analysis, keep)
+                    else:
+                        tp_prune_to(t, args, name.split("/")[1], (1 - amount) * full, args.score_batches)
+                    pruned = t.evaluate()["dice"]
+                    recalibrate_bn(t.model, t.train_loader, args.bn_recal_images)
+                    results[key] = {"pruned": pruned, "recalibrated": t.evaluate()["dice"]}
+                    save_json(log, results)
+                    print(key, results[key], flush=True)
+    return results
+
+
+def iterative(path, args, out):
+    """{f"{name}|{target}|{seed}": rows} of every iterative run (resumed where interrupted)."""
+    runs = {}
+    for target in args.targets:
+        for seed in args.seeds:
+            for name in [*OURS, *(THEIRS if target == "flops" and args.torch_pruning else ())]:
+                directory = out / "iterative" / f"{name.replace('/', '-')}-{target}-seed{seed}"
+                runs[f"{name}|{target}|{seed}"] = run_iterative(path, args, directory, name, target, seed)
+    return runs
+
+
+def run_iterative(path, args, directory, name, target, seed):
+    log = directory / "rows.json"
+    if (directory / "done").exists():
+        return json.loads(log.read_text())
+    seed_everything(seed)
+    t = trainer(polyprune_ext.load(path), args, directory, seed, plan=read_plan(path), lr=args.finetune_lr)
+    if name in THEIRS:
+        rows = [{"step": 0, **t.evaluate()}]
+        full = model_stats(t.model, t.plan.example_input()).gflops
+        for step in range(1, args.steps + 1):
+            tp_prune_to(t, args, name.split("/")[1], full * 0.5 ** (step / args.steps), args.score_batches)
+            measured = {"dice_pruned": t.evaluate()["dice"]}
+            recalibrate_bn(t.model, t.train_loader, args.bn_recal_images)
+            measured["dice_recalibrated"] = t.evaluate()["dice"]
+            t.restart(args.finetune_lr)
+            t.fit(args.finetune_epochs, phase=f"tp step {step}")
+            stats = model_stats(t.model, t.plan.example_input())
+            rows.append({"step": step, "params": stats.params, "gflops": stats.gflops, **measured, **t.evaluate()})
+        torch.save(t.model, directory / "model.pt")  # Torch-Pruning's pruned modules: no plan to replay
+    else:
+        rows = None
+        if log.exists() and (directory / "train_state.pt").exists():
+            t.resume()
+            rows = json.loads(log.read_text())
+        criterion, grad = OURS[name]
+        config = PruneConfig(target=target, amount=0.5, steps=args.steps, criterion=criterion, grad=grad,
+                             score_batches=args.score_batches, normalize_layers=args.weighting == "layer",
+                             bn_recal_images=args.bn_recal_images, finetune_epochs=args.finetune_epochs,
+                             latency_threads=args.latency_threads, latency_size=args.latency_size, seed=seed)
+        rows = iterative_prune(t, config, rows=rows,
+                               on_step=lambda rows: report.write_rows(rows, directory, "rows"))
+    save_json(log, rows)
+    (directory / "done").touch()
+    print(name, target, seed, rows[-1], flush=True)
     return rows
+
+
+def final_model(directory):
+    if (directory / "model.pt").exists():
+        return torch.load(directory / "model.pt", weights_only=False)  # our own Torch-Pruning file
+    return polyprune_ext.load(directory / "model.safetensors")
+
+
+def latencies(path, args, out, runs):
+    """{threads: {key: speed row}}: every final model and the unpruned one, round-robin."""
+    log = out / "latency.json"
+    results = load_json(log)
+    models = {"unpruned": polyprune_ext.load(path)}
+    for key in runs:
+        name, target, seed = key.split("|")
+        models[key] = final_model(out / "iterative" / f"{name.replace('/', '-')}-{target}-seed{seed}")
+    for threads in sorted({1, torch.get_num_threads()}):
+        if str(threads) not in results:
+            results[str(threads)] = speed.compare(models, batch=1, size=args.latency_size, threads=threads,
+                                                  warmup=3, repeats=5, max_repeats=40, tolerance=0.02)
+            save_json(log, results)
+    return results
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def one_shot_table(results, args):
+    lines = [f"Unpruned Dice {results['unpruned']:.4f}. One prune, no fine-tuning; mean ± std over seeds "
+             f"{args.seeds}.", "",
+             "| criterion | scores | Dice at -25% FLOPs | re-calibrated | Dice at -50% FLOPs | re-calibrated |",
+             "|---|---|---|---|---|---|"]
+    for weighting in ("raw", "layer"):
+        for name in [*OURS, *(THEIRS if weighting == "raw" else ())]:
+            cells = []
+            for amount in (0.25, 0.5):
+                found = [results.get(f"{name}|{weighting}|{amount}|{s}") for s in args.seeds]
+                if not any(found):
+                    break
+                cells += [mean_std([f["pruned"] for f in found if f]),
+                          mean_std([f["recalibrated"] for f in found if f])]
+            if cells:
+                label = "raw" if weighting == "raw" else "per-layer normalised"
+                lines.append(f"| {name} | {label if name in OURS else 'its own'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def iterative_table(runs, lat, args):
+    base_row = next(iter(runs.values()))[0]
+    threads = sorted(lat, key=int)
+    lines = [f"Unpruned: Dice {base_row['dice']:.4f}, {base_row['gflops']:.2f} GFLOPs at {args.size} px; latency at "
+             f"batch 1, {args.latency_size} px: " + ", ".join(f"{lat[t]['unpruned']['ms']:.1f} ms ({t} thread(s))"
+                                                            for t in threads), "",
+             "| criterion | target | GFLOPs | Dice after the last prune | re-calibrated | Dice | Dice change | "
+             + " | ".join(f"ms ({t} thr) | speed-up ({t} thr)" for t in threads) + " |",
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(threads)]
+    for target in args.targets:
+        for name in [*OURS, *THEIRS]:
+            keys = [f"{name}|{target}|{s}" for s in args.seeds if f"{name}|{target}|{s}" in runs]
+            if not keys:
+                continue
+            last = [runs[k][-1] for k in keys]
+            cells = [mean_std([r["gflops"] for r in last]), mean_std([r.get("dice_pruned") for r in last]),
+                     mean_std([r.get("dice_recalibrated") for r in last]), mean_std([r["dice"] for r in last]),
+                     mean_std([r["dice"] - base_row["dice"] for r in last])]
+            for t in threads:
+                ms = [lat[t][k]["ms"] for k in keys if k in lat[t]]
+                cells += [mean_std(ms), mean_std([lat[t]["unpruned"]["ms"] / m for m in ms])]
+            lines.append(f"| {name} | -50% {target} | " + " | ".join(cells) + " |")
+    return lines + ["", *prediction_table(runs, lat, args)]
+
+
+def prediction_table(runs, lat, args):
+    """The latency model against the measurement, at the thread count it was built for."""
+    measured = lat.get(str(args.latency_threads), {})
+    predicted = {k: rows for k, rows in runs.items() if "predicted_ms" in rows[-1] and k in measured}
+    if not predicted:
+        return []
+    first = next(iter(predicted.values()))[0]["predicted_ms"]
+    pairs = [("unpruned", first, measured["unpruned"]["ms"])]
+    pairs += [(k, rows[-1]["predicted_ms"], measured[k]["ms"]) for k, rows in predicted.items()]
+    return [f"Latency model against measurement ({args.latency_threads} thread(s), batch 1, "
+            f"{args.latency_size} px):", "", "| model | predicted ms | measured ms | error |", "|---|---|---|---|",
+            *(f"| {k} | {p:.1f} | {m:.1f} | {p / m - 1:+.1%} |" for k, p, m in pairs)]
 
 
 def main():
@@ -186,84 +279,49 @@ def main():
     parser.add_argument("--val-count", type=int, default=120)
     parser.add_argument("--arch", default="Unet")
     parser.add_argument("--encoder", default="resnet18")
-    parser.add_argument("--size", type=int, default=192)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--size", type=int, default=128, help="training and evaluation side")
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3, help="training from scratch")
-    parser.add_argument("--finetune-lr", type=float, default=3e-4,
-                        help="AdamW's rate for every fine-tuning run (the control's too)")
-    parser.add_argument("--steps", type=int, default=3, help="pruning steps, each removing the same "
-                        "fraction of FLOPs (the same schedule for every criterion)")
+    parser.add_argument("--finetune-lr", type=float, default=3e-4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=2, help="iterative pruning steps")
+    parser.add_argument("--finetune-epochs", type=int, default=1, help="after each step")
     parser.add_argument("--score-batches", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=3)
-    parser.add_argument("--reductions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    parser.add_argument("--criteria", nargs="+", default=list(CRITERIA)[1:], choices=list(CRITERIA)[1:],
-                        help="compared with normalized TaylorFO at -50%% FLOPs")
-    parser.add_argument("--weighting", choices=("none", "flops", "layers", "both"), default="layers",
-                        help="how the score-based criteria rank channels globally: raw scores, "
-                        "each layer's scores over their L2 norm (the default; raw scores took most "
-                        "of the deep layers), per FLOP one channel costs, or both")
-    parser.add_argument("--latency-rounds", type=int, default=5)
-    parser.add_argument("--one-shot", action="store_true",
-                        help="only compare the criteria on one prune without fine-tuning")
+    parser.add_argument("--bn-recal-images", type=int, default=256)
+    parser.add_argument("--weighting", choices=("raw", "layer"), default="raw",
+                        help="the iterative runs' scores: raw, or each layer's over their L2 norm")
+    parser.add_argument("--targets", nargs="+", choices=("flops", "latency"), default=["flops", "latency"],
+                        help="the iterative runs' targets (latency ones measure a latency model: "
+                        "run them on a quiet machine)")
+    parser.add_argument("--latency-size", type=int, default=352)
+    parser.add_argument("--latency-threads", type=int, default=1, help="the latency target's deployment")
     parser.add_argument("--torch-pruning", action="store_true")
-    parser.add_argument("--tp-max-ratio", type=float, default=0.9,
-                        help="Torch-Pruning's max_pruning_ratio per layer (its own default is 1.0; "
-                        "0.9 is our policy's max_ratio)")
+    parser.add_argument("--tp-max-ratio", type=float, default=0.9)
+    parser.add_argument("--phases", nargs="+", default=["train", "oneshot", "iterative", "latency", "report"],
+                        choices=["train", "oneshot", "iterative", "latency", "report"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="runs/bench_polyp")
     add_options(parser)
     args = parser.parse_args()
-
+    setup(args)
     out = Path(args.out)
     start = time.time()
     path = unpruned(args, out)
-    if args.one_shot:
-        rows = one_shot(path, args)
-        report = heading(args.device) + [
-            f"### Polyp segmentation, {args.data}, {args.arch}-{args.encoder} at {args.size}x{args.size}, "
-            f"{args.epochs} epochs from scratch; one prune to each FLOPs target, no fine-tuning; "
-            f"{args.score_batches} scoring batches; {time.time() - start:.0f} s in all", "", *rows]
-        print("\n".join(report))
-        append_if_asked(report, args)
+    shots = one_shot(path, args, out) if "oneshot" in args.phases or "report" in args.phases else None
+    runs = iterative(path, args, out) if {"iterative", "latency", "report"} & set(args.phases) else None
+    lat = latencies(path, args, out, runs) if {"latency", "report"} & set(args.phases) else None
+    if "report" not in args.phases:
         return
-    results, models = {}, {}
-
-    def record(key, run):
-        results[key], models[key] = run
-        print(json.dumps({key[0]: key[1], **results[key][-1]}), flush=True)
-
-    record(("control (unpruned, same fine-tuning)", 0.0), control(path, args, out))
-    for reduction in args.reductions:
-        record(("taylor/normalized", reduction), ours(path, args, out, "taylor/normalized", reduction))
-    for name in args.criteria:
-        record((name, 0.5), ours(path, args, out, name, 0.5))
-    if args.torch_pruning and ("taylor/normalized", 0.5) in results:
-        milestones = [r["gflops"] for r in results[("taylor/normalized", 0.5)][1:]]
-        for importance in ("taylor", "magnitude"):
-            record((f"Torch-Pruning {importance}", 0.5), torch_pruning(path, args, out, importance, milestones))
-    base = dict(next(iter(results.values()))[0])
-    models[("unpruned", 0.0)] = polyprune_ext.load(path).to(args.device)
-    ms = latencies(models, args)
-    base["ms"] = ms[("unpruned", 0.0)]
-    for key, rows in results.items():
-        rows[-1]["ms"] = ms[key]
-    report = heading(args.device) + [
-        f"### Polyp segmentation, {args.data}, {args.arch}-{args.encoder} at {args.size}x{args.size}, "
-        f"{args.epochs} epochs from scratch; {args.steps} pruning steps, each removing the same share of FLOPs, "
-        f"{args.finetune_epochs} fine-tuning epochs after each at lr {args.finetune_lr:g}; weighting {args.weighting}; "
-        f"{time.time() - start:.0f} s in all", "",
-        "| criterion | FLOPs target | steps | params (M) | GFLOPs | Dice after last prune | Dice | IoU | Dice change | latency ms (batch 1) | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| unpruned | - | - | {base['params'] / 1e6:.2f} | {base['gflops']:.2f} | - | {base['dice']:.4f} | {base['iou']:.4f} | - | "
-        f"{base['ms']:.1f} | 1.00x |"]
-    for (name, reduction), rows in results.items():
-        r = rows[-1]
-        pruned = "-" if r.get("dice_pruned") is None else f"{r['dice_pruned']:.4f}"
-        report.append(f"| {name} | {f'-{reduction:.0%}' if reduction else '-'} | {r['step']} | {r['params'] / 1e6:.2f} | {r['gflops']:.2f} | {pruned} | {r['dice']:.4f} | "
-                      f"{r['iou']:.4f} | {r['dice'] - base['dice']:+.4f} | {r['ms']:.1f} | {base['ms'] / r['ms']:.2f}x |")
-    print("\n".join(report))
-    append_if_asked(report, args)
+    lines = heading(args.device) + [
+        f"### Polyp segmentation, Kvasir-SEG (880/120), {args.arch}-{args.encoder} at {args.size}x{args.size}, "
+        f"{args.epochs} epochs from scratch (shared); seeds {args.seeds}; {args.score_batches} scoring batches, "
+        f"BatchNorm re-calibration on {args.bn_recal_images} images; this invocation {time.time() - start:.0f} s",
+        "", "#### One-shot", "", *one_shot_table(shots, args), "",
+        f"#### Iterative: {args.steps} steps to -50%, {args.finetune_epochs} fine-tuning epoch(s) each at lr "
+        f"{args.finetune_lr:g}, {args.weighting} scores", "", *iterative_table(runs, lat, args)]
+    print("\n".join(lines))
+    append_if_asked(lines, args)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,10 @@ class PruneConfig:
     finetune_lr: Optional[float] = None
     scope: Scope = "global"
     round_to: Optional[int] = None  # None: 1, or for a latency target the device's, measured
-    latency_threads: Optional[int] = None  # for a latency target: the deployment thread count
+    # For a latency target, the deployment: its thread count and input side (default: the
+    # torch thread count and the plan's input).
+    latency_threads: Optional[int] = None
+    latency_size: Optional[int] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -112,9 +115,11 @@ class _Run:
         self.example = tuner.plan.example_input(tuner.device)
         self.latency: Optional[LatencyModel] = None
         if config.target == "latency":
-            analysis = analyze(tuner.model, self.example)
-            self.latency = latency_model(tuner.model, analysis, self.example, device=str(tuner.device),
-                                         threads=config.latency_threads)
+            deployed = self.example
+            if config.latency_size:
+                deployed = deployed.new_zeros(*deployed.shape[:2], *[config.latency_size] * (deployed.dim() - 2))
+            self.latency = latency_model(tuner.model, analyze(tuner.model, deployed), deployed,
+                                         device=str(tuner.device), threads=config.latency_threads)
         self.column = {"flops": "gflops", "params": "params", "latency": "predicted_ms"}[config.target]
 
     def current_latency(self, analysis: Optional[Analysis] = None) -> Optional[LatencyModel]:
