@@ -24,11 +24,12 @@ from typing import Any, Iterator, Optional, Union
 
 import torch
 
+from .._checks import device_of
 from ..choices import Backend, Grad, NonFinite, Reduce, Scope, Target
 from ..structure.analysis import analyze
 from ..structure.plan import PruningPlan, save
 from ..structure.policy import select_channels
-from .scores import device_of, weigh_scores
+from .scores import weigh_scores
 from .taylor import TaylorAccumulator, per_sample_scale
 
 

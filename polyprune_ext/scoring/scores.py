@@ -35,14 +35,3 @@ def weigh_scores(values: dict[int, torch.Tensor], analysis: Analysis, normalize_
             values[i] = values[i] / max(per_channel, 1)
     return values
 
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    """The device of the model's parameters; a clear error for a model without any."""
-    parameter = next(model.parameters(), None)
-    if parameter is None:
-        raise ValueError(f"the model ({type(model).__name__}) has no parameters: there is "
-                         "nothing to score or prune")
-    if parameter.device.type == "meta":
-        raise ValueError("the model is on the meta device (no values): materialise it "
-                         "(model.to_empty(device=...) and load weights) before scoring or pruning")
-    return parameter.device

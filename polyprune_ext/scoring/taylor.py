@@ -37,13 +37,14 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from .. import choices, ops
+from .._checks import device_of
 from .._modes import evaluating
 from .._progress import progress as progress_bar
 from ..choices import Backend, Grad, NonFinite, Reduce
 from ..ops import reference
 from ..structure.analysis import Analysis, analyze
 from ..structure.spaces import Gate
-from .scores import Scores, device_of, weigh_scores
+from .scores import Scores, weigh_scores
 
 
 class TaylorAccumulator:
