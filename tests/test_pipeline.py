@@ -1,7 +1,9 @@
 """Training, iterative pruning, magnitude pruning and the polyprune command, end to end on tiny
 synthetic runs (64x64, a few images, one epoch: behaviour, not accuracy)."""
 
+import copy
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ import polyprune_ext  # noqa: E402
 from polyprune_ext import cli, model_stats  # noqa: E402
 from polyprune_ext.engine import PruneConfig, TrainConfig, Trainer, iterative_prune  # noqa: E402
 from polyprune_ext.models import smp_model  # noqa: E402
+from polyprune_ext.structure import read_plan  # noqa: E402
 from polyprune_ext.tasks.polyp import TASK, SyntheticPolyps  # noqa: E402
 from polyprune_ext.unstructured import magnitude  # noqa: E402
 
@@ -111,15 +114,20 @@ def test_cli_refuses_a_missing_checkpoint(tmp_path):
         cli.main(["eval", "--checkpoint", str(tmp_path), *TINY])
 
 
+def channels(model):
+    return sum(g.size for g in polyprune_ext.analyze(model, torch.zeros(1, 3, 64, 64)).groups)
+
+
 def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
     """A crash during step 2's fine-tuning: resuming finishes that step and reaches the target."""
     trainer = tiny_trainer(tmp_path)
     config = PruneConfig(amount=0.4, steps=2, score_batches=1, finetune_epochs=2)
-    logged = []
+    logged, after_step_one = [], []
 
     def crash_in_step_two(rows):
         logged[:] = [dict(r) for r in rows]
         if len(rows) == 2:
+            after_step_one.append(channels(trainer.model))
             fit = trainer.fit
             trainer.fit = lambda epochs, phase: (fit(1, phase=phase), 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -132,6 +140,43 @@ def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["phase"] for r in again.history].count("prune step 2") == 2
     assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9)
+    assert rows[-1]["removed_channels"] == after_step_one[0] - channels(again.model) > 0
+
+
+def test_a_kill_between_the_two_checkpoint_writes_resumes_one_consistent_epoch(tmp_path, monkeypatch):
+    """Killed after a prune step's model.safetensors is written and before its train_state.pt:
+    the resume point is the whole previous epoch (its model, its optimizer state), not a pruned
+    model paired with the unpruned model's optimizer state."""
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(1)
+    before = copy.deepcopy(trainer.model).eval()
+    analysis = polyprune_ext.analyze(trainer.model, torch.zeros(1, 3, 64, 64))
+    keep = {i: torch.arange(g.size // 2) for i, g in enumerate(analysis.groups) if g.prunable and g.size > 1}
+    trainer.plan.prune_(trainer.model, analysis, keep, trainer.optimizer)
+
+    def killed(obj, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(polyprune_ext._io, "save_torch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(1)
+    monkeypatch.undo()
+    assert len(read_plan(tmp_path / "model.safetensors").steps) == 1  # the model file moved on
+    again = tiny_trainer(tmp_path)
+    again.resume()
+    assert again.epoch == 1 and again.plan.steps == [] and len(again.history) == 1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.eval()(x), before(x), rtol=0, atol=0)
+    again.fit(1)  # the optimizer state fits the model's parameters: training goes on
+    assert again.epoch == 2
+
+
+def test_every_epoch_is_a_line_on_stderr(tmp_path, capsys):
+    tiny_trainer(None).fit(2, phase="fine-tune")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["fine-tune epoch 1", "fine-tune epoch 2"]
+    assert all(re.fullmatch(r"fine-tune epoch \d: loss \d+\.\d{4}, dice \d\.\d{4} \(\d+ s\)", line)
+               for line in lines)
 
 
 def test_cli_nuclei_train_and_sweep(tmp_path):

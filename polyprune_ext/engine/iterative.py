@@ -91,7 +91,7 @@ def iterative_prune(tuner: FineTuner, config: PruneConfig, *,
         step += 1
         phase = f"prune step {step}"
         tuner.fit(max(0, config.finetune_epochs - tuner.epochs_done(phase)), phase=phase)
-        stats = add_row(step, None)
+        stats = add_row(step, removed_channels(tuner.plan.steps[-1]))
     while getattr(stats, config.target) > goal * (1 + 1e-9):
         step += 1
         removed = _prune_step(tuner, config, step, left=1 - goal / getattr(stats, config.target))
@@ -134,6 +134,11 @@ def _prune_step(tuner: FineTuner, config: PruneConfig, step: int, left: float) -
         if cost(analysis, {i: len(k) for i, k in keep.items()})[config.target] < (1 - left) * full[config.target]:
             keep = select_channels(analysis, scores.values, amount=left, target=config.target, **options)
     if not keep:
-        raise RuntimeError(f"step {step} removes nothing: the limits stop short of the target")
-    tuner.plan.prune_(tuner.model, analysis, keep, tuner.optimizer)
-    return sum(analysis.groups[i].size - len(k) for i, k in keep.items())
+        raise ValueError(f"step {step} removes nothing: the limits (round_to, max_ratio, one channel "
+                         "per group) stop short of the target; lower the amount or round_to")
+    return removed_channels(tuner.plan.prune_(tuner.model, analysis, keep, tuner.optimizer))
+
+
+def removed_channels(plan_step: dict) -> int:
+    """The channels a pruning plan's prune step removed (a resumed run logs its last step's)."""
+    return sum(plan_step["group_sizes"][int(i)] - len(k) for i, k in plan_step["keep"].items())
