@@ -19,30 +19,28 @@ from . import options
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="structured pruning of a trained checkpoint, with fine-tuning")
-    p.add_argument("--checkpoint", required=True, help="directory written by train (or prune)")
-    p.add_argument("--out", required=True, help="directory for the pruned model, log, plot, report")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from --out's checkpoint and pruning log")
+    options.add_checkpoint(p, "train (or prune)")
+    options.add_out(p, "the pruned model, log, plot and report",
+                    resume_needs=("pruning_log.json", "train_state.pt"))
     options.add_structured(p)
     options.add_task(p, from_checkpoint=True)
-    options.add_data(p)
+    options.add_data(p, size="the checkpoint's")
     options.add_run(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
-    model, plan = options.load_checkpoint(args.checkpoint)
+    plan = options.checkpoint_plan(args)
     task = options.resolve_task(args, plan)
     out = Path(args.out)
-    trainer = options.trainer_for(task, args, model, out, plan=plan, lr=args.finetune_lr)
-    rows = None
+    rows = options.read_rows(out / "pruning_log.json") if args.resume else None
+    data = options.datasets(task, args)
+    model = options.load_checkpoint(args)
+    trainer = options.trainer_for(task, args, model, out, data, plan=plan, lr=args.finetune_lr)
     if args.resume:
-        if not (out / "pruning_log.json").exists() or not (out / "train_state.pt").exists():
-            raise SystemExit(f"nothing to resume in {out}: no pruning_log.json and train_state.pt")
         trainer.resume()
-        rows = json.loads((out / "pruning_log.json").read_text())
-        print(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}", file=sys.stderr)
+        options.say(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}")
     run_pruning(trainer, options.prune_config(args), args, out,
                 heading="TaylorFO structured pruning", rows=rows)
 
@@ -61,8 +59,15 @@ def run_pruning(trainer: Trainer, config: PruneConfig, args: argparse.Namespace,
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     size = args.size or trainer.task.size
+    key = trainer.task.headline
+
+    def on_step(rows: list) -> None:  # the log files, and a line on stderr
+        report.write_rows(rows, out)
+        row = rows[-1]
+        options.say(f"step {row['step']}: {row['gflops']:.3f} GFLOPs "
+                    f"({row['gflops'] / rows[0]['gflops']:.0%} of the unpruned), {key} {row[key]:.4f}")
     rows = iterative_prune(trainer, config, measure=latency_columns(args.device, size),
-                           on_step=lambda rows: report.write_rows(rows, out), rows=rows)
+                           on_step=on_step, rows=rows)
     metrics, headline = trainer.task.reported, trainer.task.reported[0]
     plot = out / f"{headline.key}_vs_flops.png"
     plotted = report.plot_against_flops(rows, headline, plot)
