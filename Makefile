@@ -18,6 +18,7 @@ $(VENV)/.built: $(PY) $(SOURCES)
 	touch $@
 
 demo: $(VENV)/.built
+	rm -rf runs/demo  # polyprune refuses to write into a folder that holds a run
 	$(VENV)/bin/polyprune demo --out runs/demo
 
 lint: $(VENV)/.built

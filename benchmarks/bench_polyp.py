@@ -6,7 +6,8 @@ The fixed 880/120 split; one unpruned model trained from scratch and shared; the
   - one-shot: the trained model pruned once to -25% and -50% FLOPs, no fine-tuning, the Dice
     right after the prune and after re-estimating the BatchNorm statistics, for every criterion
     (TaylorFO with normalized, loss and random gradients, L1, BN scale, random; Torch-Pruning's
-    Taylor and magnitude importance, re-calibrated too), on raw and on per-layer normalised scores;
+    Taylor and magnitude importance, re-calibrated too), on raw and on per-layer normalised scores ranked globally, and with the same fraction from every
+    layer (where only the choice of channels inside a layer differs);
   - iterative: --steps equal steps to -50% FLOPs and to -50% predicted latency (the latency
     model of the unpruned network, batch 1 at --latency-size on --latency-threads threads), each
     step re-calibrated and fine-tuned --finetune-epochs, the same budget for every criterion
@@ -43,6 +44,10 @@ OURS = {"taylor/normalized": ("taylor", "normalized"), "taylor/loss": ("taylor",
         "taylor/random": ("taylor", "random"), "l1": ("l1", "normalized"),
         "bn_scale": ("bn_scale", "normalized"), "random": ("random", "normalized")}
 THEIRS = ("tp/taylor", "tp/magnitude")
+# one-shot rankings: one global ranking of raw scores, or of each layer's scores over their L2
+# norm; or "uniform": the same fraction from every layer (only the choice inside a layer differs)
+WEIGHTINGS = {"raw": "raw, global", "layer": "per-layer normalised, global",
+              "uniform": "the same fraction per layer"}
 
 
 def trainer(model, args, out_dir, seed, plan=None, lr=None):
@@ -110,7 +115,7 @@ def one_shot(path, args, out):
     full = model_stats(base.model, base.plan.example_input()).gflops
     results["unpruned"] = base.evaluate()["dice"]
     for seed in args.seeds:
-        for weighting in ("raw", "layer"):
+        for weighting in WEIGHTINGS:
             for name in [*OURS, *(THEIRS if weighting == "raw" and args.torch_pruning else ())]:
                 for amount in (0.25, 0.5):
                     key = f"{name}|{weighting}|{amount}|{seed}"
@@ -123,7 +128,8 @@ def one_shot(path, args, out):
                         config = PruneConfig(criterion=criterion, grad=grad, score_batches=args.score_batches,
                                              normalize_layers=weighting == "layer", seed=seed)
                         scores = step_scores(t, config, step=0)
-                        keep = select_channels(scores.analysis, scores.values, amount=amount, target="flops")
+                        keep = select_channels(scores.analysis, scores.values, amount=amount, target="flops",
+                                               scope="layer" if weighting == "uniform" else "global")
                         prune_(t.model, scores.analysis, keep)
                     else:
                         tp_prune_to(t, args, name.split("/")[1], (1 - amount) * full, args.score_batches)
@@ -217,9 +223,9 @@ def mean_std(values):
 def one_shot_table(results, args):
     lines = [f"Unpruned Dice {results['unpruned']:.4f}. One prune, no fine-tuning; mean ± std over seeds "
              f"{args.seeds}.", "",
-             "| criterion | scores | Dice at -25% FLOPs | re-calibrated | Dice at -50% FLOPs | re-calibrated |",
+             "| criterion | ranking | Dice at -25% FLOPs | re-calibrated | Dice at -50% FLOPs | re-calibrated |",
              "|---|---|---|---|---|---|"]
-    for weighting in ("raw", "layer"):
+    for weighting, label in WEIGHTINGS.items():
         for name in [*OURS, *(THEIRS if weighting == "raw" else ())]:
             cells = []
             for amount in (0.25, 0.5):
@@ -229,7 +235,6 @@ def one_shot_table(results, args):
                 cells += [mean_std([f["pruned"] for f in found if f]),
                           mean_std([f["recalibrated"] for f in found if f])]
             if cells:
-                label = "raw" if weighting == "raw" else "per-layer normalised"
                 lines.append(f"| {name} | {label if name in OURS else 'its own'} | " + " | ".join(cells) + " |")
     return lines
 

@@ -83,3 +83,65 @@ def test_drop_step_on_a_model_without_the_module_is_refused(tmp_path):
     wrong = smp.PSPNet("mobilenet_v2", encoder_weights=None, classes=2)  # no encoder.layer3
     with pytest.raises(ValueError, match="step 0: cannot drop 'encoder.layer3'"):
         polyprune_ext.load(tmp_path / "m.pt", base_model=wrong)
+
+
+def test_a_damaged_checkpoint_is_named(tmp_path):
+    model, plan = pruned_unet(steps=1)
+    polyprune_ext.save(tmp_path / "m.safetensors", model, plan)
+    polyprune_ext.save(tmp_path / "m.pt", model, plan)
+    data = (tmp_path / "m.safetensors").read_bytes()
+    for name, content in [("truncated", data[: len(data) // 2]), ("empty", b""), ("junk", b"x" * 100)]:
+        (tmp_path / f"{name}.safetensors").write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors is not a readable safetensors file"):
+            polyprune_ext.load(tmp_path / f"{name}.safetensors")
+    (tmp_path / "m.pt").write_bytes((tmp_path / "m.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"m\.pt: the weights cannot be read"):
+        polyprune_ext.load(tmp_path / "m.pt")
+    plan_file = tmp_path / "m.pt.plan.json"
+    plan_file.write_text(plan_file.read_text()[:40])
+    with pytest.raises(ValueError, match=r"m\.pt\.plan\.json does not hold a readable pruning plan"):
+        polyprune_ext.load(tmp_path / "m.pt")
+
+
+def one_line(error):
+    return "\n" not in str(error.value) and len(str(error.value)) < 600
+
+
+def test_weights_that_do_not_match_the_plan_are_summarised(tmp_path):
+    from safetensors.torch import save_file
+
+    pruned, plan = pruned_unet(steps=1)
+    unpruned = smp.Unet("resnet18", encoder_weights=None, classes=2)
+    state = {k: v.contiguous() for k, v in unpruned.state_dict().items()}
+    save_file(state, tmp_path / "m.safetensors", metadata={"polyprune_plan": plan.to_json()})
+    with pytest.raises(ValueError, match=r"m\.safetensors: the weights and the pruning plan disagree: "
+                                         r"\d+ of \d+ tensors have other shapes") as error:
+        polyprune_ext.load(tmp_path / "m.safetensors")
+    assert one_line(error) and "encoder.conv1.weight: [64, 3, 7, 7] against [42, 3, 7, 7]" in str(error.value)
+
+
+def test_weights_of_another_architecture_are_summarised(tmp_path):
+    from safetensors.torch import save_file
+
+    other = smp.Unet("resnet34", encoder_weights=None, classes=2)
+    plan = PruningPlan.for_model(smp.Unet("resnet18", encoder_weights=None, classes=2), SHAPE)
+    state = {k: v.contiguous() for k, v in other.state_dict().items()}
+    save_file(state, tmp_path / "m.safetensors", metadata={"polyprune_plan": plan.to_json()})
+    with pytest.raises(ValueError, match=r"m\.safetensors: the weights are of another architecture "
+                                         r"than the model its plan builds .*: \d+ unexpected") as error:
+        polyprune_ext.load(tmp_path / "m.safetensors")
+    assert one_line(error)
+
+
+def test_a_plan_for_another_base_model_is_summarised(tmp_path):
+    model, plan = pruned_unet(steps=1)
+    polyprune_ext.save(tmp_path / "m.safetensors", model, plan)
+    with pytest.raises(ValueError, match=r"m\.safetensors: pruning plan step 0 was made for a model "
+                                         r"with 24 channel groups; this model has 32") as error:
+        polyprune_ext.load(tmp_path / "m.safetensors",
+                           base_model=smp.Unet("resnet34", encoder_weights=None, classes=2))
+    assert one_line(error)
+    with pytest.raises(ValueError, match=r"group 23: 2 channels, this model 3; 1 of 24 groups differ") as error:
+        polyprune_ext.load(tmp_path / "m.safetensors",
+                           base_model=smp.Unet("resnet18", encoder_weights=None, classes=3))
+    assert one_line(error)

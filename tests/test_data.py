@@ -10,7 +10,8 @@ from PIL import Image
 
 from polyprune_ext.tasks.images import MEAN, STD
 from polyprune_ext.tasks.images import denormalize as unnormalize
-from polyprune_ext.tasks.polyp import PolypFolder, SyntheticPolyps, polyp_dataset, synthetic_polyp
+from polyprune_ext.tasks.polyp import (PolypFolder, SyntheticPolyps, polyp_dataset, polyp_datasets,
+                                       synthetic_polyp)
 from polyprune_ext.testing import dihedral
 
 KVASIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "kvasir-seg"
@@ -239,6 +240,43 @@ def test_truncated_file_is_reported(folder):
         PolypFolder(folder, size=16)[0]
 
 
+def test_a_mask_of_another_size_is_refused_unless_stretching_is_allowed(folder):
+    Image.fromarray(blob_mask(np.random.default_rng(1), 30, 5)).save(folder / "masks" / "b.png")
+    with pytest.raises(ValueError, match=r"b\.png is 5x30 but its image .*b\.jpg is 48x43; they "
+                                         r"must match, or allow_resize_masks=True"):
+        PolypFolder(folder, size=16)[1]
+    stretched = PolypFolder(folder, size=16, allow_resize_masks=True)[1][1]
+    with Image.open(folder / "masks" / "b.png") as im:  # the mask alone, resized to the size
+        expected = np.asarray(im.convert("L").resize((16, 16), Image.NEAREST)) > 127
+    np.testing.assert_array_equal(stretched[0].numpy(), expected)
+
+
+def test_verify_names_every_damaged_file_and_mismatched_mask_before_any_item(folder):
+    (folder / "images" / "a.jpg").write_bytes((folder / "images" / "a.jpg").read_bytes()[:300])
+    (folder / "images" / "c.tif").write_bytes(b"")
+    (folder / "masks" / "d.png").write_bytes(b"not a png")
+    Image.fromarray(np.zeros((7, 9), np.uint8)).save(folder / "masks" / "f.png")
+    with pytest.raises(ValueError) as error:
+        PolypFolder(folder).verify()
+    message = str(error.value)
+    assert message.startswith("4 problems in the data set: ") and "\n" not in message
+    for name in ("images/a.jpg", "images/c.tif", "masks/d.png"):
+        assert f"cannot decode {folder / name}" in message
+    assert f"{folder / 'masks' / 'f.png'} is 9x7 but its image is 40x55" in message
+    assert message.endswith("allow_resize_masks=True (--allow-resize-masks) stretches each mask to its image")
+    with pytest.raises(ValueError, match="^3 problems") as error:  # the size is no problem then
+        PolypFolder(folder, allow_resize_masks=True).verify()
+    assert "stretches" not in str(error.value)
+    with pytest.raises(ValueError, match="^4 problems"):  # both splits, before either is built
+        polyp_datasets(str(folder), size=16, val_count=2, verify=True)
+    train, val = polyp_datasets(str(folder), size=16, val_count=2)  # listing alone: no decoding
+    assert len(train) + len(val) == 6
+
+
+def test_verify_passes_a_sound_folder(folder):
+    PolypFolder(folder).verify()
+
+
 def test_empty_sets_and_bad_split_arguments(tmp_path, folder):
     (tmp_path / "empty" / "images").mkdir(parents=True)
     (tmp_path / "empty" / "masks").mkdir()
@@ -310,5 +348,6 @@ def test_kvasir_seg_when_present():
         pytest.skip(f"no Kvasir-SEG at {KVASIR}")
     ds = PolypFolder(KVASIR, size=64, split="val", val_count=120)
     assert len(ds) == 120
+    ds.verify()  # every file decodes, every mask has its image's size
     x, y = ds[0]
     assert x.shape == (3, 64, 64) and y.shape == (1, 64, 64) and y.sum() > 0

@@ -141,6 +141,37 @@ def test_dsb_unreadable_or_mismatched_files_are_named_when_loaded(tmp_path):
         DSB2018Folder(root)[0]
 
 
+def test_dsb_verify_names_damaged_and_mismatched_masks_and_resizes_them_when_allowed(tmp_path):
+    root = make_dsb(tmp_path / "dsb")
+    (root / "b" / "masks" / "b_0.png").write_bytes(b"not a png")
+    small = np.zeros((4, 4), dtype=np.uint8)
+    small[2:, 2:] = 255  # a_2's square (rows 3-6, cols 4-7 of 8) at half the resolution
+    Image.fromarray(small).save(root / "a" / "masks" / "a_2.png")
+    with pytest.raises(ValueError, match=r"^2 problems in the data set: cannot decode .*b_0\.png.*; "
+                                         r".*a_2\.png is 4x4 but its image is 8x8; allow_resize_masks"):
+        nuclei_dataset(root).verify()
+    (root / "b" / "masks" / "b_0.png").unlink()
+    ds = DSB2018Folder(root, size=8, allow_resize_masks=True)
+    ds.verify()
+    expected = np.zeros((8, 8), dtype=np.int64)
+    for k, (r0, r1, c0, c1) in enumerate(SQUARES_A[:2]):
+        expected[r0:r1, c0:c1] = k + 1
+    expected[4:8, 4:8] = 3  # nucleus 3 resized from 4x4 with nearest neighbour: each pixel 2x2
+    np.testing.assert_array_equal(ds[0][1].numpy(), expected)
+
+
+def test_label_folder_resizes_labels_of_another_size_when_allowed(tmp_path):
+    root = make_label_folder(tmp_path / "lab", stems=("p",))
+    labels = np.zeros((3, 5), dtype=np.uint16)
+    labels[1, 1:3] = 700
+    Image.fromarray(labels).save(root / "labels" / "p.png")
+    with pytest.raises(ValueError, match=r"p\.png is 5x3 but its image .*p\.png is 10x6"):
+        LabelFolder(root)[0]
+    y = LabelFolder(root, size=10, allow_resize_masks=True)[0][1].numpy()
+    # to the image's 10x6 (each id pixel 2x2), then to the item's 10x10 as every label image is
+    np.testing.assert_array_equal(y, pil_nearest(labels.repeat(2, 0).repeat(2, 1), 10))
+
+
 # ---- label-image folders ----------------------------------------------------------------------
 
 def pil_nearest(labels, size):

@@ -1,7 +1,9 @@
 """Training, iterative pruning, magnitude pruning and the polyprune command, end to end on tiny
 synthetic runs (64x64, a few images, one epoch: behaviour, not accuracy)."""
 
+import copy
 import json
+import re
 
 import pytest
 import torch
@@ -12,10 +14,11 @@ import polyprune_ext  # noqa: E402
 from polyprune_ext import cli, model_stats  # noqa: E402
 from polyprune_ext.engine import PruneConfig, TrainConfig, Trainer, iterative_prune  # noqa: E402
 from polyprune_ext.models import smp_model  # noqa: E402
+from polyprune_ext.structure import read_plan  # noqa: E402
 from polyprune_ext.tasks.polyp import TASK, SyntheticPolyps  # noqa: E402
 from polyprune_ext.unstructured import magnitude  # noqa: E402
 
-TINY = ["--size", "64", "--synthetic-count", "16", "--batch-size", "4", "--no-progress"]
+TINY = ["--data", "synthetic", "--size", "64", "--synthetic-count", "16", "--batch-size", "4", "--no-progress"]
 
 
 def tiny_trainer(out_dir):
@@ -82,12 +85,41 @@ def test_magnitude_pruning_scopes(scope):
     assert magnitude.sparsity_of(tensors) == pytest.approx(reached)
 
 
-@pytest.mark.parametrize("command", ["train", "prune", "sparsify", "eval", "sweep", "demo"])
+OPTIONS = {
+    "train": "task data size val-count synthetic-count batch-size workers allow-resize-masks arch encoder "
+             "encoder-weights epochs lr out resume device seed no-progress debug",
+    "prune": "checkpoint out resume criterion grad reduce target threads amount step steps scope score-batches "
+             "round-to normalize-layers flops-weighted bn-recal-images finetune-epochs finetune-lr task data size val-count "
+             "synthetic-count batch-size workers allow-resize-masks device seed no-progress debug",
+    "sparsify": "checkpoint out sparsity scope bn-recal-images finetune-epochs finetune-lr task data size val-count "
+                "synthetic-count batch-size workers allow-resize-masks device seed no-progress debug",
+    "eval": "checkpoint task data size val-count synthetic-count batch-size workers allow-resize-masks "
+            "device seed debug",
+    "bench": "checkpoint arch encoder size batch-size threads warmup device debug",
+    "sweep": "checkpoint out crs scopes bn-recal-images finetune-epochs finetune-lr one-shot keep-first keep-last biases "
+             "resume task data size val-count synthetic-count batch-size workers allow-resize-masks device "
+             "seed no-progress debug",
+    "demo": "data size val-count synthetic-count batch-size workers allow-resize-masks arch encoder "
+            "encoder-weights epochs lr amount step score-batches bn-recal-images finetune-epochs finetune-lr "
+            "threads out device "
+            "seed no-progress debug",
+}
+
+
+@pytest.mark.parametrize("command", OPTIONS)
 def test_every_command_explains_itself(command, capsys):
+    """--help lists the options the command uses, no other, each saying its default."""
     with pytest.raises(SystemExit) as exit:
         cli.main([command, "--help"])
     assert exit.value.code == 0
-    assert "--data" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith(f"usage: polyprune {command}")
+    sub = cli.parser()._subparsers._group_actions[0].choices[command]
+    actions = [a for a in sub._actions if a.option_strings and a.dest != "help"]
+    assert sorted(a.option_strings[0][2:] for a in actions) == sorted(OPTIONS[command].split())
+    for action in actions:
+        assert action.help, action.dest
+        if action.nargs != 0 and not action.required:  # flags are off unless given
+            assert "default" in action.help, f"{command} {action.option_strings[0]}: {action.help}"
 
 
 def test_cli_train_prune_eval(tmp_path, capsys):
@@ -103,7 +135,7 @@ def test_cli_train_prune_eval(tmp_path, capsys):
     assert [("ms" in r) for r in rows] == [True] + [False] * (len(rows) - 2) + [True]
     assert "speed-up" in (tmp_path / "pruned" / "report.md").read_text()
     capsys.readouterr()
-    cli.main(["eval", "--checkpoint", str(tmp_path / "pruned"), *TINY])
+    cli.main(["eval", "--checkpoint", str(tmp_path / "pruned"), *TINY[:-1]])  # no progress bars to turn off
     assert 0 <= json.loads(capsys.readouterr().out)["dice"] <= 1
     cli.main(["sparsify", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "sparse"),
               "--sparsity", "0.5", "--finetune-epochs", "1", *TINY])
@@ -122,20 +154,21 @@ def test_iterative_pruning_to_a_latency_target(tmp_path, monkeypatch):
     assert list((tmp_path / "cache").glob("latency-*.json"))  # measured once, cached
 
 
-def test_cli_refuses_a_missing_checkpoint(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint"):
-        cli.main(["eval", "--checkpoint", str(tmp_path), *TINY])
+
+def channels(model):
+    return sum(g.size for g in polyprune_ext.analyze(model, torch.zeros(1, 3, 64, 64)).groups)
 
 
 def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
     """A crash during step 2's fine-tuning: resuming finishes that step and reaches the target."""
     trainer = tiny_trainer(tmp_path)
     config = PruneConfig(amount=0.4, steps=2, score_batches=1, finetune_epochs=2)
-    logged = []
+    logged, after_step_one = [], []
 
     def crash_in_step_two(rows):
         logged[:] = [dict(r) for r in rows]
         if len(rows) == 2:
+            after_step_one.append(channels(trainer.model))
             fit = trainer.fit
             trainer.fit = lambda epochs, phase: (fit(1, phase=phase), 1 / 0)
     with pytest.raises(ZeroDivisionError):
@@ -148,6 +181,43 @@ def test_interrupted_pruning_resumes_where_it_stopped(tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["phase"] for r in again.history].count("prune step 2") == 2
     assert rows[-1]["gflops"] <= 0.6 * rows[0]["gflops"] * (1 + 1e-9)
+    assert rows[-1]["removed_channels"] == after_step_one[0] - channels(again.model) > 0
+
+
+def test_a_kill_between_the_two_checkpoint_writes_resumes_one_consistent_epoch(tmp_path, monkeypatch):
+    """Killed after a prune step's model.safetensors is written and before its train_state.pt:
+    the resume point is the whole previous epoch (its model, its optimizer state), not a pruned
+    model paired with the unpruned model's optimizer state."""
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(1)
+    before = copy.deepcopy(trainer.model).eval()
+    analysis = polyprune_ext.analyze(trainer.model, torch.zeros(1, 3, 64, 64))
+    keep = {i: torch.arange(g.size // 2) for i, g in enumerate(analysis.groups) if g.prunable and g.size > 1}
+    trainer.plan.prune_(trainer.model, analysis, keep, trainer.optimizer)
+
+    def killed(obj, path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(polyprune_ext._io, "save_torch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(1)
+    monkeypatch.undo()
+    assert len(read_plan(tmp_path / "model.safetensors").steps) == 1  # the model file moved on
+    again = tiny_trainer(tmp_path)
+    again.resume()
+    assert again.epoch == 1 and again.plan.steps == [] and len(again.history) == 1
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model.eval()(x), before(x), rtol=0, atol=0)
+    again.fit(1)  # the optimizer state fits the model's parameters: training goes on
+    assert again.epoch == 2
+
+
+def test_every_epoch_is_a_line_on_stderr(tmp_path, capsys):
+    tiny_trainer(None).fit(2, phase="fine-tune")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["fine-tune epoch 1", "fine-tune epoch 2"]
+    assert all(re.fullmatch(r"fine-tune epoch \d: loss \d+\.\d{4}, dice \d\.\d{4} \(\d+ s\)", line)
+               for line in lines)
 
 
 def test_cli_nuclei_train_and_sweep(tmp_path):

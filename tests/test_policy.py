@@ -97,7 +97,8 @@ def test_bad_input():
     cases = [
         (dict(scores={frozen: torch.rand(analysis.groups[frozen].size)}), "cannot be pruned"),
         (dict(scores={some: torch.rand(analysis.groups[some].size + 1)}), "values for a group"),
-        (dict(scores=scores, target="latency"), "target must be one of"),
+        (dict(scores=scores, target="speed"), "target must be one of"),
+        (dict(scores=scores, target="latency"), "needs a latency model"),
         (dict(scores=scores, scope="module"), "scope must be"),
         (dict(scores=scores, amount=1.0), "fraction to remove"),
         (dict(scores=scores, amount=0.5, at_most=10), "either amount"),

@@ -1,5 +1,6 @@
-"""polyprune prune: iterative structured pruning (score, remove filters, fine-tune, repeat) to a
-FLOPs or params target, with a log row, a plot and a report written as it goes."""
+"""polyprune prune: iterative structured pruning (score, remove filters, re-calibrate, fine-tune,
+repeat) to a FLOPs, params or latency target, with a log row, a plot and a report written as it
+goes; the unpruned and the pruned model timed round-robin at the end."""
 
 import argparse
 import copy
@@ -20,31 +21,29 @@ from . import options
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="structured pruning of a trained checkpoint, with fine-tuning")
-    p.add_argument("--checkpoint", required=True, help="directory written by train (or prune)")
-    p.add_argument("--out", required=True, help="directory for the pruned model, log, plot, report")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from --out's checkpoint and pruning log")
+    options.add_checkpoint(p, "train (or prune)")
+    options.add_out(p, "the pruned model, log, plot and report",
+                    resume_needs=("pruning_log.json", "train_state.pt"))
     options.add_structured(p)
     options.add_task(p, from_checkpoint=True)
-    options.add_data(p)
+    options.add_data(p, size="the checkpoint's")
     options.add_run(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
-    model, plan = options.load_checkpoint(args.checkpoint)
-    unpruned = copy.deepcopy(model)
+    plan = options.checkpoint_plan(args)
     task = options.resolve_task(args, plan)
     out = Path(args.out)
-    trainer = options.trainer_for(task, args, model, out, plan=plan, lr=args.finetune_lr)
-    rows = None
+    rows = options.read_rows(out / "pruning_log.json") if args.resume else None
+    data = options.datasets(task, args)
+    model = options.load_checkpoint(args)
+    unpruned = copy.deepcopy(model)
+    trainer = options.trainer_for(task, args, model, out, data, plan=plan, lr=args.finetune_lr)
     if args.resume:
-        if not (out / "pruning_log.json").exists() or not (out / "train_state.pt").exists():
-            raise SystemExit(f"nothing to resume in {out}: no pruning_log.json and train_state.pt")
         trainer.resume()
-        rows = json.loads((out / "pruning_log.json").read_text())
-        print(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}", file=sys.stderr)
+        options.say(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}")
     config = options.prune_config(args)
     run_pruning(trainer, unpruned, config, args, out, rows=rows,
                 heading=f"Structured pruning ({config.criterion}"
@@ -60,14 +59,20 @@ def run_pruning(trainer: Trainer, unpruned: torch.nn.Module, config: PruneConfig
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     size = args.size or trainer.task.size
-    rows = iterative_prune(trainer, config, on_step=lambda rows: report.write_rows(rows, out), rows=rows)
-    print(f"timing the unpruned and the pruned model at batch 1, {size}x{size}, round-robin",
-          file=sys.stderr, flush=True)
+    key = trainer.task.headline
+
+    def on_step(rows: list) -> None:  # the log files, and a line on stderr
+        report.write_rows(rows, out)
+        row = rows[-1]
+        options.say(f"step {row['step']}: {row['gflops']:.3f} GFLOPs "
+                    f"({row['gflops'] / rows[0]['gflops']:.0%} of the unpruned), {key} {row[key]:.4f}")
+    rows = iterative_prune(trainer, config, on_step=on_step, rows=rows)
+    options.say(f"timing the unpruned and the pruned model at batch 1, {size}x{size}, round-robin")
     timed = speed.compare({"unpruned": unpruned, "pruned": trainer.model}, batch=1, size=size,
                           device=args.device, threads=args.threads)
-    for row, key in ((rows[0], "unpruned"), (rows[-1], "pruned")):
-        row.update(ms=timed[key]["ms"], ms_p10=timed[key]["ms_p10"], ms_p90=timed[key]["ms_p90"],
-                   fps=timed[key]["fps"])
+    for row, name in ((rows[0], "unpruned"), (rows[-1], "pruned")):
+        row.update(ms=timed[name]["ms"], ms_p10=timed[name]["ms_p10"], ms_p90=timed[name]["ms_p90"],
+                   fps=timed[name]["fps"])
     report.write_rows(rows, out)
     metrics, headline = trainer.task.reported, trainer.task.reported[0]
     plot = out / f"{headline.key}_vs_flops.png"

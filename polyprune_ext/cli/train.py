@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..engine import seed_everything
@@ -14,10 +13,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_task(p)
     options.add_data(p)
     options.add_model(p)
-    p.add_argument("--epochs", type=int, default=30, help="(default %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default %(default)s)")
-    p.add_argument("--out", required=True, help="directory for checkpoints (written every epoch)")
-    p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
+    p.add_argument("--epochs", type=options.positive_int, default=30,
+                   help="training epochs, counting those of a resumed run (default %(default)s)")
+    p.add_argument("--lr", type=options.positive_float, default=1e-3,
+                   help="AdamW learning rate (default %(default)s)")
+    options.add_out(p, "the checkpoints (written every epoch)", resume_needs=("train_state.pt",))
     options.add_run(p)
     p.set_defaults(run=run)
 
@@ -27,11 +27,12 @@ def run(args: argparse.Namespace) -> None:
     task = options.resolve_task(args)
     out = Path(args.out)
     model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights)
-    trainer = options.trainer_for(task, args, model, out, epochs=args.epochs, lr=args.lr)
+    data = options.datasets(task, args)
+    trainer = options.trainer_for(task, args, model, out, data, epochs=args.epochs, lr=args.lr)
     if args.resume:
         trainer.resume()
-        print(f"resumed at epoch {trainer.epoch}", file=sys.stderr)
-    records = trainer.fit(max(0, args.epochs - trainer.epoch)) if args.epochs > trainer.epoch else []
+        options.say(f"resumed at epoch {trainer.epoch}")
+    records = trainer.fit(max(0, args.epochs - trainer.epoch))
     for r in records:
         print(json.dumps(r))
-    print(json.dumps({"checkpoint": str(out / "model.safetensors"), **trainer.evaluate()}))
+    print(json.dumps({"checkpoint": str(out / options.CHECKPOINT), **trainer.evaluate()}))

@@ -93,9 +93,7 @@ def iterative_prune(tuner: FineTuner, config: PruneConfig, *,
         step += 1  # interrupted while fine-tuning this step: finish it
         phase = f"prune step {step}"
         tuner.fit(max(0, config.finetune_epochs - tuner.epochs_done(phase)), phase=phase)
-        last = tuner.plan.steps[-1]
-        run.add_row(step, sum(size - len(last["keep"].get(str(i), range(size)))
-                              for i, size in enumerate(last["group_sizes"])))
+        run.add_row(step, removed_channels(tuner.plan.steps[-1]))
     while run.rows[-1][run.column] > goal * (1 + 1e-9):
         step += 1
         removed = run.prune(step, left=1 - goal / run.rows[-1][run.column])
@@ -159,9 +157,9 @@ class _Run:
             if cost(analysis, {i: len(k) for i, k in keep.items()}, latency)[config.target] < (1 - left) * full:
                 keep = select_channels(analysis, scores.values, amount=left, target=config.target, **options)
         if not keep:
-            raise RuntimeError(f"step {step} removes nothing: the limits stop short of the target")
-        tuner.plan.prune_(tuner.model, analysis, keep, tuner.optimizer)
-        return sum(analysis.groups[i].size - len(k) for i, k in keep.items())
+            raise ValueError(f"step {step} removes nothing: the limits (round_to, max_ratio, one channel "
+                             "per group) stop short of the target; lower the amount or round_to")
+        return removed_channels(tuner.plan.prune_(tuner.model, analysis, keep, tuner.optimizer))
 
 
 def after_prune(tuner: FineTuner, bn_recal_images: int) -> Row:
@@ -185,3 +183,8 @@ def step_scores(tuner: FineTuner, config: PruneConfig, step: int) -> Scores:
                  reduce=config.reduce, num_batches=config.score_batches, example_input=example,
                  seed=config.seed + step, progress=tuner.progress, **weighting)
 
+
+
+def removed_channels(plan_step: dict) -> int:
+    """The channels a pruning plan's prune step removed (a resumed run logs its last step's)."""
+    return sum(plan_step["group_sizes"][int(i)] - len(k) for i, k in plan_step["keep"].items())

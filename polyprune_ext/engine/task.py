@@ -29,8 +29,10 @@ class Metric:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """``datasets(source, size=, val_count=, seed=, count=)`` gives the (train, val) sets of a
-    folder, or of the synthetic stand-in when ``source`` is None (``count`` items; train
+    """``datasets(source, size=, val_count=, seed=, count=, verify=, allow_resize_masks=)`` gives
+    the (train, val) sets of a folder (``verify``: every file decoded and every target's size
+    checked first; ``allow_resize_masks``: targets of another size than their image resized,
+    not refused), or of the synthetic stand-in when ``source`` is None (``count`` items; train
     augmented); ``build_model(arch, encoder, encoder_weights=)`` an unpruned model;
     ``loss_fn(output, target)`` and ``metrics()`` train and judge it; ``reported`` are the
     metrics tables show, the headline first."""
@@ -50,10 +52,13 @@ class Task:
         return self.reported[0].key
 
     def load_data(self, source: Optional[str], *, size: int, val_count: Optional[int] = None,
-                  seed: int = 0, count: Optional[int] = None) -> tuple[Any, Any]:
-        """(train, val) from a folder, or from the synthetic set when ``source`` is None or
+                  seed: int = 0, count: Optional[int] = None, verify: bool = False,
+                  allow_resize_masks: bool = False) -> tuple[Any, Any]:
+        """(train, val) from a folder (see ``datasets`` for ``verify`` and
+        ``allow_resize_masks``), or from the synthetic set when ``source`` is None or
         "synthetic"."""
         if source is None or source == "synthetic":
             return self.datasets(None, size=size, val_count=val_count, seed=seed,
                                  count=count or self.synthetic_count)
-        return self.datasets(source, size=size, val_count=val_count, seed=seed)
+        return self.datasets(source, size=size, val_count=val_count, seed=seed, verify=verify,
+                             allow_resize_masks=allow_resize_masks)

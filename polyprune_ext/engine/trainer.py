@@ -2,11 +2,13 @@
 
 One loop serves training from scratch and the fine-tuning between pruning steps: AdamW, a cosine
 or step schedule per phase, the task's loss, AMP (bfloat16 if the GPU supports it, else float16
-with a GradScaler) and channels_last on GPUs, tqdm progress, seeds. After every epoch the model
-(one safetensors file holding the weights and the pruning plan) and the training state
-(optimizer, scaler, epoch, history, RNG) are each written to a temporary file and renamed over
-the old one, so a crash never leaves a half-written checkpoint, and ``resume`` continues from the
-last whole epoch.
+with a GradScaler) and channels_last on GPUs, tqdm progress and a line per epoch on stderr,
+seeds. After every epoch the model (model.safetensors: the weights and the pruning plan) and
+then the resume point (train_state.pt: the same weights and plan, the optimizer, scaler, epoch,
+history and RNG) are each written to a temporary file and renamed over the old one, so a crash
+never leaves a half-written file, and ``resume`` continues from the last whole epoch from
+train_state.pt alone: a kill between the two writes cannot pair a model with another
+optimizer state.
 
 Pruning loops (iterative pruning, sweeps) use the Trainer through the FineTuner protocol: fit,
 evaluate, the learning rate, a fresh start, checkpoints paused; never its internals.
@@ -17,6 +19,8 @@ import dataclasses
 import json
 import math
 import random
+import sys
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Protocol, Union
 
@@ -125,6 +129,7 @@ class Trainer:
         schedule = self._schedule(max(1, epochs * len(self.train_loader)))
         records = []
         for _ in range(epochs):
+            start = time.perf_counter()
             self.model.train()
             total, count = 0.0, 0
             for x, y in progress(self.batches(self.train_loader), len(self.train_loader),
@@ -144,6 +149,9 @@ class Trainer:
             records.append(record)
             self.history.append(record)
             self.save()
+            print(f"{phase} epoch {self.epoch}: loss {record['loss']:.4f}, "
+                  f"{self.task.headline} {record[self.task.headline]:.4f} "
+                  f"({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
         return records
 
     def _schedule(self, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -197,29 +205,42 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """model.safetensors (weights and pruning plan) and train_state.pt in out_dir, each
-        replaced whole."""
+        """model.safetensors (weights and pruning plan), then train_state.pt (the resume point:
+        the same weights and plan with the optimizer, scaler, epoch, history and RNG) in out_dir,
+        each replaced whole."""
         if self.out_dir is None:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save(self.out_dir / "model.safetensors", self.model, self.plan)
-        _io.save_torch({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        _io.save_torch({"model": weights, "plan": self.plan.to_json(),
+                        "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                         "epoch": self.epoch, "history": json.dumps(self.history),
                         "config": json.dumps(dataclasses.asdict(self.config)),
                         "rng": torch.get_rng_state()}, self.out_dir / "train_state.pt")
 
     def resume(self) -> None:
-        """Continue from out_dir's last checkpoint: the (possibly pruned) model, the optimizer's
-        state, the epoch count and the history."""
+        """Continue from out_dir's train_state.pt: the (possibly pruned) model, the optimizer's
+        state, the epoch count and the history, all of one epoch."""
         if self.out_dir is None:
             raise ValueError("resume needs the out_dir the run wrote its checkpoints to")
-        state = torch.load(self.out_dir / "train_state.pt", weights_only=True)
-        path = self.out_dir / "model.safetensors"
-        model = load(path).to(self.device)
+        path = self.out_dir / "train_state.pt"
+        try:
+            state = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"nothing to resume: {path} does not exist") from None
+        except Exception as error:  # a damaged file: zip or unpickling errors
+            raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+        if "model" in state:
+            plan = PruningPlan.from_json(state["plan"], path)
+            model = plan.build(state["model"], path)
+        else:  # written before train_state.pt held the model: it goes with model.safetensors
+            plan, model = read_plan(self.out_dir / "model.safetensors"), load(self.out_dir / "model.safetensors")
+        model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         # The checkpoint may be pruned: its model, with a new optimizer loaded with its state.
-        self.model, self.plan = model, read_plan(path)
+        self.model, self.plan = model, plan
         self.optimizer = self._adamw(self.config.lr)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -11,9 +11,9 @@ from typing import Any, Optional
 import torch
 
 from .. import choices
+from .._inputs import device_of
 from ..choices import Baseline
 from ..structure.analysis import Analysis, analyze
-from .._inputs import device_of
 from .scores import Scores, weigh_scores
 
 
@@ -25,10 +25,11 @@ def baseline_scores(model: torch.nn.Module, criterion: Baseline, *,
     docstring), from the weights alone; weighted as in polyprune_ext.score. Needs ``analysis``
     or an ``example_input`` to make one."""
     choices.check("criterion", criterion, Baseline)
+    device = device_of(model)
     if analysis is None:
         if example_input is None:
             raise ValueError("pass analysis, or an example_input to analyse the model")
-        analysis = analyze(model, example_input.to(device_of(model)))
+        analysis = analyze(model, example_input.to(device))
     if not analysis.prunable:
         raise ValueError("the model has no prunable channel groups; analysis report:\n"
                          + analysis.report())

@@ -24,13 +24,13 @@ from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 
+from .._inputs import device_of
 from ..batchnorm import recalibrate_bn
 from ..choices import Backend, Grad, NonFinite, Reduce, Scope, Target
 from ..structure.analysis import analyze
 from ..structure.latency import LatencyModel
 from ..structure.plan import PruningPlan, save
 from ..structure.policy import select_channels
-from .._inputs import device_of
 from .scores import weigh_scores
 from .taylor import TaylorAccumulator, per_sample_scale
 

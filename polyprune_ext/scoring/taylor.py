@@ -37,13 +37,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 
 from .. import choices, ops
+from .._inputs import device_of, split_batch
 from .._modes import evaluating
 from .._progress import progress as progress_bar
 from ..choices import Backend, Grad, NonFinite, Reduce
 from ..ops import reference
 from ..structure.analysis import Analysis, analyze
 from ..structure.spaces import Gate
-from .._inputs import device_of, split_batch
 from .scores import Scores, weigh_scores
 
 

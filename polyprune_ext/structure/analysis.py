@@ -35,6 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .._inputs import check_materialized
 from .rules import RULES, OpCall, Rule, bind
 from .spaces import ChannelGroup, Gate, Groups, Proposal, Slot, Space
 from .stats import forward_once
@@ -301,6 +302,7 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
     go when the layers before them are pruned). None means smp's heads (default_ignore).
     ``rules``: rules for this call, over the registered ones ({op, torch function or module
     class: rule}; see polyprune_ext.structure.rules)."""
+    check_materialized(model)
     ignore = default_ignore(model) if ignore is None else tuple(ignore)
     names = {id(m): n for n, m in model.named_modules() if n}
     missing = [n for n in ignore if n not in dict(model.named_modules())]

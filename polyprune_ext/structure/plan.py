@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .. import _io, models
+from .._inputs import check_materialized
 from .analysis import Analysis, analyze
 from .stats import drop_, drop_unused_
 from .surgery import prune_
@@ -55,15 +56,17 @@ class PruningPlan:
         rest from ``model`` in place (structure.surgery.prune_; the optimizer's state follows),
         and record the step. A ``keep`` that removes nothing records nothing. Returns the step."""
         step = prune_(model, analysis, keep, optimizer)
-        if keep:
+        if any(torch.as_tensor(k).numel() < analysis.groups[int(i)].size for i, k in keep.items()):
             self.steps.append(step)
         return step
 
     def drop_unused_(self, model: torch.nn.Module) -> list[str]:
         """structure.stats.drop_unused_ on an input of the plan's shape, recorded as the step
-        ``{"drop": names}``; returns the names."""
-        names = drop_unused_(model, self.example_input(next(model.parameters()).device))
-        self.steps.append({"drop": names})
+        ``{"drop": names}`` when it drops something; returns the names."""
+        parameter = next(model.parameters(), None)
+        names = drop_unused_(model, self.example_input(parameter.device if parameter is not None else None))
+        if names:
+            self.steps.append({"drop": names})
         return names
 
     def original_group_sizes(self, analysis: Analysis) -> Optional[list[int]]:
@@ -92,12 +95,28 @@ class PruningPlan:
             analysis = analyze(model, example, ignore=())  # ignore limits choices, not structure
             sizes = [g.size for g in analysis.groups]
             if sizes != step["group_sizes"]:
-                raise ValueError(
-                    f"pruning plan step {number} was made for a model with "
-                    f"{len(step['group_sizes'])} channel groups of sizes {step['group_sizes']}; "
-                    f"this model has {len(sizes)} groups of sizes {sizes}. Is it the same base "
-                    "model?")
+                raise ValueError(f"pruning plan step {number} was made for a model with "
+                                 f"{_differences(step['group_sizes'], sizes)}. Is it the same "
+                                 "base model?")
             prune_(model, analysis, {int(i): k for i, k in step["keep"].items()})
+        return model
+
+    def build(self, state: dict[str, torch.Tensor], where: PathLike,
+              base_model: Optional[torch.nn.Module] = None) -> torch.nn.Module:
+        """The pruned model: ``base_model`` (unpruned; rebuilt from the plan's model family when
+        not given) with the steps replayed and the weights ``state`` loaded. Errors name
+        ``where`` and say which disagrees: the plan and the base model, or the weights and both
+        (load_weights_)."""
+        if base_model is None:
+            if self.base is None:
+                raise ValueError(f"{where}: the plan records no registered model family: pass "
+                                 "the unpruned base model")
+            base_model = models.build(self.base)
+        try:
+            model = self.replay_(base_model)
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+        load_weights_(model, state, where)
         return model
 
     def to_json(self) -> str:
@@ -132,6 +151,7 @@ def save(path: PathLike, model: torch.nn.Module, plan: PruningPlan) -> None:
     plan in its metadata, or a torch file with the plan in ``path + '.plan.json'``. Every file
     is replaced whole (a temporary name, then a rename)."""
     path = Path(path)
+    check_materialized(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -170,19 +190,50 @@ def load(path: PathLike, base_model: Optional[torch.nn.Module] = None) -> torch.
     """The pruned model saved at ``path``: ``base_model`` (unpruned; rebuilt from the plan's
     model family when not given) with the plan replayed and the weights loaded."""
     path = Path(path)
-    plan = read_plan(path)
-    if base_model is None:
-        if plan.base is None:
-            raise ValueError(f"{path}: the plan records no registered model family: pass the "
-                             "unpruned base model")
-        base_model = models.build(plan.base)
-    model = plan.replay_(base_model)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    return read_plan(path).build(_read_weights(path), path, base_model)
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors, zip, unpickling errors: the file is damaged
+        raise ValueError(f"{path}: the weights cannot be read ({type(error).__name__}: {error}); "
+                         "the file may be truncated or overwritten") from None
+
+
+def load_weights_(model: torch.nn.Module, state: dict[str, torch.Tensor], where: PathLike) -> None:
+    """``model.load_state_dict(state)``, with a refusal that names ``where`` and says in one line
+    what disagrees: tensors missing or unexpected (the weights are of another architecture than
+    the model) or of other shapes (pruned otherwise than the model was), with a few examples."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        counts = [f"{len(names)} {what} (e.g. {', '.join(names[:3])})"
+                  for names, what in ((missing, "missing"), (unexpected, "unexpected")) if names]
+        raise ValueError(f"{where}: the weights are of another architecture than the model its "
+                         f"plan builds ({len(expected)} tensors): {'; '.join(counts)}")
+    resized = [k for k in expected if state[k].shape != expected[k].shape]
+    if resized:
+        examples = ", ".join(f"{k}: {list(state[k].shape)} against {list(expected[k].shape)}"
+                             for k in resized[:3])
+        raise ValueError(f"{where}: the weights and the pruning plan disagree: {len(resized)} of "
+                         f"{len(expected)} tensors have other shapes than the plan gives (e.g. "
+                         f"{examples}); they come from different runs or pruning steps")
     model.load_state_dict(state)
-    return model
 
+
+def _differences(planned: Sequence[int], found: Sequence[int]) -> str:
+    """The channel groups a plan step expects against those a model has, in a few words."""
+    if len(planned) != len(found):
+        return f"{len(planned)} channel groups; this model has {len(found)}"
+    first = next(i for i, (a, b) in enumerate(zip(planned, found)) if a != b)
+    return (f"channel groups of other sizes than this model's (group {first}: {planned[first]} "
+            f"channels, this model {found[first]}; {sum(a != b for a, b in zip(planned, found))} "
+            f"of {len(found)} groups differ)")

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._inputs import check_materialized
 from .._modes import evaluating
 
 
@@ -82,6 +83,7 @@ def model_stats(model: torch.nn.Module, example_input: Any) -> ModelStats:
     of positional arguments), from one forward pass (see forward_once). FLOPs scale with the
     input's batch and spatial size: pass the size the model will run at.
     """
+    check_materialized(model)
     named = dict(model.named_parameters())
     flop_counter = FlopCounterMode(display=False)
     reads, _ = _trace(model, example_input, flop_counter)
@@ -121,6 +123,7 @@ def drop_unused_(model: torch.nn.Module, example_input: Any) -> list[str]:
     only for other inputs, looks unused: that is why the replacement is Dropped, which raises
     naming the module, and not Identity, which would make such a forward silently wrong.
     """
+    check_materialized(model)
     reads, called = _trace(model, example_input)
 
     def droppable(module: torch.nn.Module, path: str) -> list[str]:

@@ -1,8 +1,11 @@
 """What the image tasks share: the folder conventions, deterministic splits, decoding that names a
-bad file, ImageNet normalisation, flips and rotations applied jointly to an image and its target,
-synthetic sets whose items depend only on their index, and smooth noise to draw them with.
+bad file, a scan of a whole folder before training, ImageNet normalisation, flips and rotations
+applied jointly to an image and its target, synthetic sets whose items depend only on their
+index, and smooth noise to draw them with.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -121,6 +124,55 @@ def decode(path, mode):
             return im.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot decode image file {path}: {e}") from e
+
+
+RESIZE_HINT = "allow_resize_masks=True (--allow-resize-masks) stretches each mask to its image"
+
+
+def check_same_size(image_path, image_size, target_path, target_size):
+    """A target of another size than its image cannot be aligned with it; (width, height) pairs."""
+    if tuple(image_size) != tuple(target_size):
+        raise ValueError(f"{target_path} is {target_size[0]}x{target_size[1]} but its image "
+                         f"{image_path} is {image_size[0]}x{image_size[1]}; they must match, or "
+                         f"{RESIZE_HINT}")
+
+
+def verify_files(samples, *, allow_resize_masks=False):
+    """Decode every file of ``samples`` ((image path, [target paths]) pairs) in full and, unless
+    ``allow_resize_masks``, check that each target has its image's size: what a folder data set
+    otherwise finds only when it first reads an item, partway through an epoch. One ValueError
+    names the files at fault (the first five) and counts them. Files are decoded on a few
+    threads (Pillow decodes without the GIL): 2000 Kvasir-SEG files take about 3 s on one core.
+    """
+    def problems(sample):
+        """(files that do not decode, targets of another size than their image)"""
+        image, targets = sample
+        sizes = {path: _decoded_size(path) for path in (image, *targets)}
+        undecodable = [size for size in sizes.values() if isinstance(size, str)]
+        if allow_resize_masks or isinstance(sizes[image], str):
+            return undecodable, []
+        width, height = sizes[image]
+        return undecodable, [f"{t} is {sizes[t][0]}x{sizes[t][1]} but its image is {width}x{height}"
+                             for t in targets if isinstance(sizes[t], tuple) and sizes[t] != sizes[image]]
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(problems, samples))
+    mismatched = [p for _, found in results for p in found]
+    found = [p for undecodable, _ in results for p in undecodable] + mismatched
+    if found:
+        raise ValueError(f"{len(found)} problem{'s' if len(found) > 1 else ''} in the data set: "
+                         + "; ".join(found[:5]) + ("; ..." if len(found) > 5 else "")
+                         + (f"; {RESIZE_HINT}" if mismatched else ""))
+
+
+def _decoded_size(path):
+    """(width, height) of the image file at ``path`` after a full decode, or what is wrong."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return f"cannot decode {path}: {e}"
 
 
 class SyntheticSplit:

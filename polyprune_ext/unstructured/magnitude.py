@@ -13,6 +13,7 @@ import torch
 from torch.nn.utils import prune
 
 from .. import choices
+from .._inputs import check_materialized
 from ..choices import Scope
 
 CONVS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
@@ -41,6 +42,7 @@ def magnitude_prune_(model: torch.nn.Module, sparsity: float, *, scope: Scope = 
     choices.check("scope", scope, Scope)
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity is the fraction of weights to zero, in [0, 1); got {sparsity}")
+    check_materialized(model)
     tensors = prunable_tensors(model, first=first, last=last, biases=biases)
     # torch.nn.utils.prune takes the amount of the weights still unpruned: convert.
     done = sparsity_of(tensors)

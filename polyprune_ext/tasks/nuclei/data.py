@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import (IMAGE_EXTENSIONS, SyntheticSplit, augment, check_pairs, check_size, decode,
-                      fractal_noise, list_images, normalize, split_indices, value_noise)
+from ..images import (IMAGE_EXTENSIONS, SyntheticSplit, augment, check_pairs, check_same_size,
+                      check_size, decode, fractal_noise, list_images, normalize, split_indices,
+                      value_noise, verify_files)
 
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff")  # lossless formats that hold integer ids
 _DSB_LAYOUT = ("expected the Data Science Bowl 2018 layout: one folder per sample, "
@@ -51,13 +52,18 @@ class _NucleiFolder(_NucleiDataset):
 
     ``samples`` maps each sample's name to whatever its ``_read`` needs; names are sorted before
     splitting, so a split depends on the set of names only. Files are listed up front, so layout
-    problems surface at once; pixels are decoded when an item is first read. With ``cache=True``
-    the resized arrays are kept (about 7 * size**2 bytes per item), per DataLoader worker.
+    problems surface at once; pixels are decoded when an item is first read, or all at once by
+    ``verify()``. With ``cache=True`` the resized arrays are kept (about 7 * size**2 bytes per
+    item), per DataLoader worker. A mask or label image of another size than its image is
+    refused, naming both, unless ``allow_resize_masks`` (then it is resized to the image,
+    nearest neighbour).
     """
 
-    def __init__(self, samples, *, size, split, val_count, val_fraction, seed, augment, cache):
+    def __init__(self, samples, *, size, split, val_count, val_fraction, seed, augment, cache,
+                 allow_resize_masks):
         check_size(size)
         self.size, self.augment, self.split = size, augment, split
+        self.allow_resize_masks = allow_resize_masks
         all_names = sorted(samples)
         chosen = split_indices(len(all_names), split, val_count=val_count,
                                val_fraction=val_fraction, seed=seed)
@@ -74,13 +80,23 @@ class _NucleiFolder(_NucleiDataset):
         if arrays is None:
             image, labels = self._read(self._files[index])
             image = image.resize((self.size, self.size), Image.BILINEAR)
-            arrays = np.array(image, dtype=np.uint8), _resize_nearest(labels, self.size)
+            arrays = np.array(image, dtype=np.uint8), _resize_nearest(labels, (self.size, self.size))
             if self._cache is not None:
                 self._cache[index] = arrays
         return self._tensors(*arrays)
 
+    def verify(self):
+        """Decode every file of this split and check every target's size (images.verify_files):
+        a damaged file or a target of another size is found before training, not in its epoch."""
+        verify_files([(image, self._targets(targets)) for image, targets in self._files],
+                     allow_resize_masks=self.allow_resize_masks)
+
     def _read(self, files):
         """One sample at native resolution: (RGB PIL image, (H, W) integer id array)."""
+        raise NotImplementedError
+
+    def _targets(self, targets):
+        """The target file paths of one sample's files entry."""
         raise NotImplementedError
 
 
@@ -97,10 +113,11 @@ class DSB2018Folder(_NucleiFolder):
     """
 
     def __init__(self, root, *, size=256, split="all", val_count=None, val_fraction=0.12, seed=0,
-                 augment=False, cache=True):
+                 augment=False, cache=True, allow_resize_masks=False):
         self.root = Path(root)
         super().__init__(_dsb_samples(self.root), size=size, split=split, val_count=val_count,
-                         val_fraction=val_fraction, seed=seed, augment=augment, cache=cache)
+                         val_fraction=val_fraction, seed=seed, augment=augment, cache=cache,
+                         allow_resize_masks=allow_resize_masks)
 
     def _read(self, files):
         image_path, mask_paths = files
@@ -108,9 +125,15 @@ class DSB2018Folder(_NucleiFolder):
         labels = np.zeros((image.height, image.width), dtype=np.int32)
         for k, mask_path in enumerate(mask_paths):
             mask = decode(mask_path, "L")
-            _check_same_size(image_path, image.size, mask_path, mask.size)
+            if not self.allow_resize_masks:
+                check_same_size(image_path, image.size, mask_path, mask.size)
+            elif mask.size != image.size:
+                mask = mask.resize(image.size, Image.NEAREST)
             labels[np.asarray(mask) > 127] = k + 1
         return image, labels
+
+    def _targets(self, targets):
+        return targets
 
 
 def _dsb_samples(root):
@@ -144,21 +167,27 @@ class LabelFolder(_NucleiFolder):
     """
 
     def __init__(self, root, *, size=256, split="all", val_count=None, val_fraction=0.12, seed=0,
-                 augment=False, cache=True):
+                 augment=False, cache=True, allow_resize_masks=False):
         self.root = Path(root)
         images = list_images(self.root, "images", _LABEL_LAYOUT)
         labels = list_images(self.root, "labels", _LABEL_LAYOUT, LABEL_EXTENSIONS)
         check_pairs(self.root, images, labels, "labels", _LABEL_LAYOUT)
         super().__init__({stem: (images[stem], labels[stem]) for stem in images}, size=size,
                          split=split, val_count=val_count, val_fraction=val_fraction, seed=seed,
-                         augment=augment, cache=cache)
+                         augment=augment, cache=cache, allow_resize_masks=allow_resize_masks)
 
     def _read(self, files):
         image_path, label_path = files
         image = decode(image_path, "RGB")
         labels = _decode_labels(label_path)
-        _check_same_size(image_path, image.size, label_path, labels.shape[::-1])
+        if not self.allow_resize_masks:
+            check_same_size(image_path, image.size, label_path, labels.shape[::-1])
+        elif labels.shape != (image.height, image.width):
+            labels = _resize_nearest(labels, (image.height, image.width))
         return image, labels
+
+    def _targets(self, label_path):
+        return [label_path]
 
 
 def _image_files(folder, extensions):
@@ -181,19 +210,12 @@ def _decode_labels(path):
     return labels
 
 
-def _check_same_size(image_path, image_size, other_path, other_size):
-    """A target of another size cannot be aligned with its image; (width, height) pairs."""
-    if tuple(image_size) != tuple(other_size):
-        raise ValueError(f"{other_path} is {other_size[0]}x{other_size[1]} but its image "
-                         f"{image_path} is {image_size[0]}x{image_size[1]}; they must match")
-
-
-def _resize_nearest(labels, size):
-    """Nearest-neighbour resize of an id array to (size, size), sampling at pixel centres as PIL's
-    NEAREST does, so the ids stay exact and aligned with the bilinear image."""
+def _resize_nearest(labels, shape):
+    """Nearest-neighbour resize of an id array to ``shape`` (height, width), sampling at pixel
+    centres as PIL's NEAREST does, so the ids stay exact and aligned with the bilinear image."""
     height, width = labels.shape
-    rows = ((np.arange(size) + 0.5) * (height / size)).astype(np.int64)
-    cols = ((np.arange(size) + 0.5) * (width / size)).astype(np.int64)
+    rows = ((np.arange(shape[0]) + 0.5) * (height / shape[0])).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * (width / shape[1])).astype(np.int64)
     return labels[rows[:, None], cols[None, :]]
 
 

@@ -71,12 +71,18 @@ class NucleiTargets(torch.utils.data.Dataset):
         return image, target
 
 
-def nuclei_datasets(source: Optional[str] = None, *, count: int = 200,
-                    **kwargs: Any) -> tuple[NucleiTargets, NucleiTargets]:
+def nuclei_datasets(source: Optional[str] = None, *, count: int = 200, verify: bool = False,
+                    allow_resize_masks: bool = False, **kwargs: Any) -> tuple[NucleiTargets, NucleiTargets]:
     """(train, val) training sets from ``source`` (see data.nuclei_dataset; ``count`` synthetic
-    items when it is None); the train split is augmented."""
+    items when it is None); the train split is augmented. For a folder, ``verify`` decodes every
+    file and checks every target's size first, and ``allow_resize_masks`` resizes targets of
+    another size than their image rather than refuse them."""
     if source is None or source == "synthetic":
         kwargs["count"] = count
+    else:
+        kwargs["allow_resize_masks"] = allow_resize_masks
+        if verify:
+            nuclei_dataset(source, **kwargs).verify()
     return (NucleiTargets(nuclei_dataset(source, split="train", augment=True, **kwargs)),
             NucleiTargets(nuclei_dataset(source, split="val", **kwargs)))
 

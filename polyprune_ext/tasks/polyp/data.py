@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import (IMAGE_EXTENSIONS, SyntheticSplit, augment, check_pairs, check_size, decode,
-                      fractal_noise, list_images, normalize, split_indices, value_noise)
+from ..images import (IMAGE_EXTENSIONS, SyntheticSplit, augment, check_pairs, check_same_size,
+                      check_size, decode, fractal_noise, list_images, normalize, split_indices,
+                      value_noise, verify_files)
 
 _LAYOUT = ("expected a folder holding images/ and masks/, with one mask per image under the same "
            "file name stem (e.g. images/case01.jpg and masks/case01.png; extensions: "
@@ -47,19 +48,22 @@ class PolypFolder(_PolypDataset):
     This is the layout of Kvasir-SEG, and the one CVC-ClinicDB, ETIS or ColonDB take after renaming
     their folders. Every image is resized to ``size`` x ``size`` (bilinear) and every mask with
     nearest neighbour, then thresholded at > 127 on its 0-255 grayscale, since JPEG-saved masks
-    (Kvasir-SEG's) hold values near, not at, 0 and 255.
+    (Kvasir-SEG's) hold values near, not at, 0 and 255. A mask of another size than its image is
+    refused, naming both, unless ``allow_resize_masks`` (then it is stretched like its image).
 
     The folders are listed and matched in the constructor, so layout problems surface at once;
-    pixels are decoded when an item is first read. With ``cache=True`` the resized uint8 arrays are
-    kept (about 4 * size**2 bytes per item): decoding large JPEGs dominates epoch time otherwise.
-    Each DataLoader worker process fills its own cache (use persistent_workers to keep them).
+    pixels are decoded when an item is first read, or all at once by ``verify()``. With
+    ``cache=True`` the resized uint8 arrays are kept (about 4 * size**2 bytes per item): decoding
+    large JPEGs dominates epoch time otherwise. Each DataLoader worker process fills its own cache
+    (use persistent_workers to keep them).
     """
 
     def __init__(self, root, *, size=352, split="all", val_count=None, val_fraction=0.12, seed=0,
-                 augment=False, cache=True):
+                 augment=False, cache=True, allow_resize_masks=False):
         check_size(size)
         self.root = Path(root)
         self.size, self.augment, self.split = size, augment, split
+        self.allow_resize_masks = allow_resize_masks
         images = list_images(self.root, "images", _LAYOUT)
         masks = list_images(self.root, "masks", _LAYOUT)
         check_pairs(self.root, images, masks, "masks", _LAYOUT)
@@ -73,6 +77,12 @@ class PolypFolder(_PolypDataset):
     def __len__(self):
         return len(self.stems)
 
+    def verify(self):
+        """Decode every file of this split and check every mask's size (tasks.images.verify_files):
+        a damaged file or a mask of another size is found before training, not in its epoch."""
+        verify_files([(image, [mask]) for image, mask in self._files],
+                     allow_resize_masks=self.allow_resize_masks)
+
     def __getitem__(self, index):
         index = range(len(self))[index]  # IndexError and negative indices, as for a list
         arrays = self._cache.get(index) if self._cache is not None else None
@@ -84,8 +94,11 @@ class PolypFolder(_PolypDataset):
 
     def _load(self, index):
         image_path, mask_path = self._files[index]
-        image = decode(image_path, "RGB").resize((self.size, self.size), Image.BILINEAR)
-        mask = decode(mask_path, "L").resize((self.size, self.size), Image.NEAREST)
+        image, mask = decode(image_path, "RGB"), decode(mask_path, "L")
+        if not self.allow_resize_masks:
+            check_same_size(image_path, image.size, mask_path, mask.size)
+        image = image.resize((self.size, self.size), Image.BILINEAR)
+        mask = mask.resize((self.size, self.size), Image.NEAREST)
         return np.array(image, dtype=np.uint8), (np.asarray(mask) > 127).astype(np.uint8)
 
 
