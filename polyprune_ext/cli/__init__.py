@@ -1,11 +1,12 @@
-"""The polyprune command: train, prune (structured), sparsify (unstructured), eval, bench, sweep
-and demo, for the polyp and nuclei tasks.
+"""The polyprune command: train, prune (structured), sparsify (unstructured), eval, bench, sweep,
+export (ONNX) and demo, for the polyp and nuclei tasks.
 
     polyprune demo                                   # synthetic data, CPU, about 5 minutes
     polyprune train --data ../kvasir-seg --out runs/unet
     polyprune prune --checkpoint runs/unet --data ../kvasir-seg --amount 0.5 --out runs/pruned
     polyprune eval --checkpoint runs/pruned --data ../kvasir-seg
     polyprune bench --checkpoint runs/pruned --size 352
+    polyprune export --checkpoint runs/pruned --onnx runs/pruned.onnx
     polyprune train --task nuclei --data ../dsb2018 --out runs/nuclei
     polyprune sweep --checkpoint runs/nuclei --data ../dsb2018 --out runs/sweep
 
@@ -17,9 +18,9 @@ train_state.pt, as train, prune and sparsify write; commands that read one take 
 import argparse
 from typing import Optional, Sequence
 
-from . import bench, demo, evaluate, prune, sparsify, sweep, train
+from . import bench, demo, evaluate, export, prune, sparsify, sweep, train
 
-COMMANDS = (train, prune, sparsify, evaluate, bench, sweep, demo)
+COMMANDS = (train, prune, sparsify, evaluate, bench, export, sweep, demo)
 
 
 def parser() -> argparse.ArgumentParser:
