@@ -1,5 +1,5 @@
 """The polyprune command: train, prune (structured), sparsify (unstructured), eval, bench, sweep,
-export (ONNX) and demo, for the polyp and nuclei tasks.
+export (ONNX), infer (images and video) and demo, for the polyp and nuclei tasks.
 
     polyprune demo                                   # synthetic data, CPU, about 5 minutes
     polyprune train --data ../kvasir-seg --out runs/unet
@@ -7,6 +7,7 @@ export (ONNX) and demo, for the polyp and nuclei tasks.
     polyprune eval --checkpoint runs/pruned --data ../kvasir-seg
     polyprune bench --checkpoint runs/pruned --size 352
     polyprune export --checkpoint runs/pruned --onnx runs/pruned.onnx
+    polyprune infer --checkpoint runs/pruned --video colonoscopy.mp4 --out runs/video
     polyprune train --task nuclei --data ../dsb2018 --out runs/nuclei
     polyprune sweep --checkpoint runs/nuclei --data ../dsb2018 --out runs/sweep
 
@@ -18,9 +19,9 @@ train_state.pt, as train, prune and sparsify write; commands that read one take 
 import argparse
 from typing import Optional, Sequence
 
-from . import bench, demo, evaluate, export, prune, sparsify, sweep, train
+from . import bench, demo, evaluate, export, infer, prune, sparsify, sweep, train
 
-COMMANDS = (train, prune, sparsify, evaluate, bench, export, sweep, demo)
+COMMANDS = (train, prune, sparsify, evaluate, bench, export, infer, sweep, demo)
 
 
 def parser() -> argparse.ArgumentParser:
