@@ -1,5 +1,6 @@
 """The README's examples run as written: every Python block, in order, in one namespace (in a
-temporary folder, since they write checkpoints), and every `polyprune` command line parses."""
+temporary folder, since they write checkpoints), and every `polyprune` command line parses,
+alone or under torchrun."""
 
 import re
 import shlex
@@ -33,6 +34,8 @@ def polyprune_commands():
             words = shlex.split(line, comments=True)
             if words and words[0] == "polyprune":
                 yield words[1:]
+            elif words[:1] == ["torchrun"] and "polyprune_ext.cli" in words:
+                yield words[words.index("polyprune_ext.cli") + 1:]
 
 
 @pytest.mark.parametrize("argv", list(polyprune_commands()), ids=" ".join)

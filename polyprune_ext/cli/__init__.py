@@ -11,6 +11,10 @@ export (ONNX), infer (images and video) and demo, for the polyp and nuclei tasks
     polyprune train --task nuclei --data ../dsb2018 --out runs/nuclei
     polyprune sweep --checkpoint runs/nuclei --data ../dsb2018 --out runs/sweep
 
+Under torchrun, train and prune run on every process it starts (one per GPU; gloo on CPUs):
+
+    torchrun --nproc-per-node 8 -m polyprune_ext.cli train --data ../kvasir-seg --out runs/unet
+
 --data takes the task's folder layout, or "synthetic" (the default: generated images, fixed
 seed). A checkpoint is a directory holding model.safetensors (weights and pruning plan) and
 train_state.pt, as train, prune and sparsify write; commands that read one take its task.
@@ -19,9 +23,11 @@ train_state.pt, as train, prune and sparsify write; commands that read one take 
 import argparse
 from typing import Optional, Sequence
 
+from ..engine import distributed
 from . import bench, demo, evaluate, export, infer, prune, sparsify, sweep, train
 
 COMMANDS = (train, prune, sparsify, evaluate, bench, export, infer, sweep, demo)
+DISTRIBUTED = ("train", "prune")  # the commands that run under torchrun
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,4 +41,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser().parse_args(argv)
-    args.run(args)
+    if not distributed.launched():
+        return args.run(args)
+    if args.command not in DISTRIBUTED:
+        raise SystemExit(f"polyprune {args.command} runs in one process: start it without torchrun "
+                         f"(under torchrun: {', '.join(DISTRIBUTED)})")
+    with distributed.process_group(args.device) as args.device:
+        args.run(args)

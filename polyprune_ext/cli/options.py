@@ -32,7 +32,8 @@ def add_data(p: argparse.ArgumentParser) -> None:
                    help="validation images (default: 12%% of the set; Kvasir-SEG benchmarks use 120)")
     p.add_argument("--synthetic-count", type=int, default=None,
                    help="images in the synthetic set (default: the task's, 240 polyp, 200 nuclei)")
-    p.add_argument("--batch-size", type=int, default=8, help="(default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="the global batch: under torchrun each process takes its share (default %(default)s)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default %(default)s)")
 
 
@@ -49,6 +50,13 @@ def add_run(p: argparse.ArgumentParser) -> None:
                    help="(default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and shuffling seed (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_distributed(p: argparse.ArgumentParser) -> None:
+    """What train and prune take for torchrun runs."""
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch "
+                        "(SyncBatchNorm), not each process's share")
 
 
 def add_structured(p: argparse.ArgumentParser, *, amount: float = 0.5, step: float = 0.2,
@@ -118,7 +126,7 @@ def trainer_for(task: Task, args: argparse.Namespace, model: torch.nn.Module,
                                         size=args.size or task.size, val_count=args.val_count,
                                         seed=args.seed, count=args.synthetic_count)
     config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr, workers=args.workers,
-                         seed=args.seed)
+                         seed=args.seed, sync_batchnorm=getattr(args, "sync_bn", False))
     return Trainer(model, task, train_set, val_set, config, device=args.device, out_dir=out,
                    plan=plan, progress=not args.no_progress)
 

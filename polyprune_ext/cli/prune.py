@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import speed
-from ..engine import PruneConfig, Trainer, iterative_prune, seed_everything
+from ..engine import PruneConfig, Trainer, distributed, iterative_prune, seed_everything
 from ..engine import report
 from . import options
 
@@ -27,11 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_task(p, from_checkpoint=True)
     options.add_data(p)
     options.add_run(p)
+    options.add_distributed(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    seed_everything(args.seed)
+    seed_everything(args.seed + distributed.rank())
     model, plan = options.load_checkpoint(args.checkpoint)
     task = options.resolve_task(args, plan)
     out = Path(args.out)
@@ -42,7 +43,8 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"nothing to resume in {out}: no pruning_log.json and train_state.pt")
         trainer.resume()
         rows = json.loads((out / "pruning_log.json").read_text())
-        print(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}", file=sys.stderr)
     run_pruning(trainer, options.prune_config(args), args, out,
                 heading="TaylorFO structured pruning", rows=rows)
 
@@ -57,10 +59,13 @@ def latency_columns(device: str, size: int) -> Callable[[torch.nn.Module], dict[
 
 def run_pruning(trainer: Trainer, config: PruneConfig, args: argparse.Namespace, out: Path,
                 heading: str, rows: Optional[list] = None) -> list:
-    """Iterative pruning with logs, plot and report written as it goes; prints the table."""
+    """Iterative pruning with logs, plot and report written as it goes; prints the table. Under
+    torchrun every process prunes and fine-tunes; rank 0 alone measures, writes and prints."""
     start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     size = args.size or trainer.task.size
+    if not distributed.is_main():
+        return iterative_prune(trainer, config, rows=rows)
+    out.mkdir(parents=True, exist_ok=True)
     rows = iterative_prune(trainer, config, measure=latency_columns(args.device, size),
                            on_step=lambda rows: report.write_rows(rows, out), rows=rows)
     metrics, headline = trainer.task.reported, trainer.task.reported[0]

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..engine import seed_everything
+from ..engine import distributed, seed_everything
 from . import options
 
 
@@ -19,19 +19,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for checkpoints (written every epoch)")
     p.add_argument("--resume", action="store_true", help="continue from --out's last checkpoint")
     options.add_run(p)
+    options.add_distributed(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    seed_everything(args.seed)
+    # each process its own augmentations; DDP starts them all from rank 0's weights
+    seed_everything(args.seed + distributed.rank())
     task = options.resolve_task(args)
     out = Path(args.out)
     model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights)
     trainer = options.trainer_for(task, args, model, out, epochs=args.epochs, lr=args.lr)
     if args.resume:
         trainer.resume()
-        print(f"resumed at epoch {trainer.epoch}", file=sys.stderr)
+        if distributed.is_main():
+            print(f"resumed at epoch {trainer.epoch}", file=sys.stderr)
     records = trainer.fit(max(0, args.epochs - trainer.epoch)) if args.epochs > trainer.epoch else []
+    if not distributed.is_main():
+        return
     for r in records:
         print(json.dumps(r))
     print(json.dumps({"checkpoint": str(out / "model.safetensors"), **trainer.evaluate()}))
