@@ -18,6 +18,7 @@ execution provider install onnxruntime-gpu in place of onnxruntime.
 
 import copy
 import dataclasses
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -71,6 +72,7 @@ def export_onnx(model: torch.nn.Module, path: PathLike, *, batch: int = 1, size:
     """
     choices.check("dtype", dtype, Dtype)
     choices.check("provider", provider, Provider)
+    _require("onnx", "onnxscript", "onnxruntime")
     if dtype not in TOLERANCE:
         raise ValueError(f"ONNX export takes dtype float32 or float16, got {dtype!r}: onnxruntime "
                          "has few bfloat16 kernels")
@@ -88,6 +90,13 @@ def export_onnx(model: torch.nn.Module, path: PathLike, *, batch: int = 1, size:
 
     error = _io.replace_atomically(path, write_and_check)
     return OnnxExport(Path(path), opset, dtype, PROVIDERS[provider], tuple(shapes), error)
+
+
+def _require(*modules: str) -> None:
+    """ImportError naming the extra to install when one of ``modules`` is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"{', '.join(missing)} not installed: pip install 'polyprune_ext[deploy]'")
 
 
 def _export(model: torch.nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
@@ -124,6 +133,7 @@ def onnx_session(path: PathLike, provider: Provider = "cpu", threads: Optional[i
     threads (default: torch's thread count, so both runtimes get the same cores). Raises when
     the provider is missing, or when onnxruntime falls back to the CPU instead, as it does
     silently when the CUDA provider cannot load."""
+    _require("onnxruntime")
     import onnxruntime as ort
 
     name = PROVIDERS[provider]

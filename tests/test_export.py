@@ -140,3 +140,11 @@ def test_export_and_bench_commands_on_a_pruned_checkpoint(tmp_path, capsys):
         for batch in (1, 2):
             assert f"| {name} | onnxruntime cpu | 1 | {batch} | 64 | float32 |" in out
         assert f"{name}: " in out and "in onnxruntime on cpu, 1 CPU threads" in out
+
+
+def test_a_missing_runtime_names_the_extra(tmp_path, monkeypatch):
+    find_spec = polyprune_ext.export.importlib.util.find_spec
+    monkeypatch.setattr(polyprune_ext.export.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"onnxruntime not installed: pip install 'polyprune_ext\[deploy\]'"):
+        export_onnx(Toy(), tmp_path / "m.onnx")

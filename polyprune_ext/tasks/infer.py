@@ -131,7 +131,10 @@ def infer_video(predictor: Predictor, path: Union[str, Path], out: Union[str, Pa
     overlay video (overlay.mp4, at the source's frame rate), written to ``out`` with frames.csv
     and summary.json; returns the summary. A video that cannot be read is refused, naming it;
     one that fails half-way keeps every mask and overlay frame written before the error."""
-    import av
+    try:
+        import av
+    except ImportError:
+        raise ImportError("video needs PyAV: pip install 'polyprune_ext[deploy]'") from None
 
     path, out = Path(path), Path(out)
     try:
