@@ -78,15 +78,18 @@ def export_onnx(model: torch.nn.Module, path: PathLike, *, batch: int = 1, size:
                          "has few bfloat16 kernels")
     reference = copy.deepcopy(model).cpu().float().eval()
     shape = (batch, _in_channels(reference), size, size)
+    with torch.no_grad():
+        if not isinstance(reference(torch.zeros(shape)), torch.Tensor):
+            raise TypeError("export_onnx exports models that return one tensor")
     shapes = [tuple(s) for s in (shape, *(check_shapes or [(batch + 1, shape[1], size + 32, size + 64)]))]
     bound = TOLERANCE[dtype] if tolerance is None else tolerance
 
     def write_and_check(tmp: Path) -> float:
-        half = getattr(torch, dtype)
-        _export(copy.deepcopy(reference).to(half), torch.randn(shape, dtype=half), tmp, opset)
+        graph_dtype = getattr(torch, dtype)
+        _export(copy.deepcopy(reference).to(graph_dtype), torch.randn(shape, dtype=graph_dtype), tmp, opset)
         session = onnx_session(tmp, provider)
         generator = torch.Generator().manual_seed(0)
-        return max(_check(session, reference, s, half, bound, generator) for s in shapes)
+        return max(_check(session, reference, s, graph_dtype, bound, generator) for s in shapes)
 
     error = _io.replace_atomically(path, write_and_check)
     return OnnxExport(Path(path), opset, dtype, PROVIDERS[provider], tuple(shapes), error)
@@ -100,9 +103,6 @@ def _require(*modules: str) -> None:
 
 
 def _export(model: torch.nn.Module, x: torch.Tensor, path: Path, opset: int) -> None:
-    with torch.no_grad():
-        if not isinstance(model(x), torch.Tensor):
-            raise TypeError("export_onnx exports models that return one tensor")
     axes = {0: torch.export.Dim("batch"), 2: torch.export.Dim("height"), 3: torch.export.Dim("width")}
     program = torch.onnx.export(model, (x,), dynamo=True, input_names=["image"],
                                 output_names=["logits"], dynamic_shapes=(axes,),
