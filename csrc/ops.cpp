@@ -22,17 +22,11 @@ TORCH_LIBRARY(polyprune_ext, m) {
   // out += reduce_n(scale[n] * sum_spatial(act * grad)); see polyprune_ext.ops.taylor_reduce.
   m.def(
       "taylor_reduce_accumulate_(Tensor(a!) out, Tensor act, Tensor grad, Tensor? scale, "
-<<<<<<< HEAD
       "str reduce) -> ()");
-  // Moves the slices `keep` of `dim` to the front of self's storage; see polyprune_ext.ops.compact_.
-  m.def("compact_(Tensor(a!) self, Tensor keep, int dim) -> ()");
-=======
-      "str reduction) -> ()");
   // Moves the slices `keep` of `dim` to the front of tensor's storage; see polyprune_ext.ops.compact_.
   // (The first argument is called `tensor`: one named `self` breaks torch < 2.5's auto_functionalized,
   // so opcheck and torch.compile fail there with "got multiple values for argument 'self'".)
   m.def("compact_(Tensor(a!) tensor, Tensor keep, int dim) -> ()");
->>>>>>> torch-floor
 }
 
 static pybind11::dict build_info() {

@@ -9,7 +9,9 @@ The library (this namespace) works on any PyTorch model and needs torch alone:
 - scoring: ``score`` (TaylorFO), ``baseline_scores`` (L1, L2, BN scale, random) and ``Pruner``
   (TaylorFO inside training steps);
 - unstructured pruning: ``magnitude_prune_`` and compressed sparse checkpoints;
-- ``latency``: how fast a model runs, measured the way it will be run.
+- ``latency``: how fast a model runs, measured the way it will be run;
+- ``export_onnx``: an ONNX file checked in onnxruntime on the spot, ``onnx_latency`` timing it
+  there (the ``deploy`` extra).
 
 The applications built on it (a training engine, the polyp and nuclei tasks, the ``polyprune``
 command) live in ``polyprune_ext.engine``, ``polyprune_ext.tasks`` and ``polyprune_ext.cli``.
@@ -19,8 +21,9 @@ import torch
 
 from . import _C  # type: ignore[attr-defined]  # the compiled kernels: torch.ops.polyprune_ext
 from . import ops
-from .choices import Baseline, Criterion, Grad, Reduce, Scope, Target
 from .batchnorm import recalibrate_bn
+from .choices import Baseline, Criterion, Dtype, Grad, Provider, Reduce, Scope, Target
+from .export import OnnxExport, export_onnx, onnx_latency
 from .models import register_model_family
 from .scoring import Pruner, Scores, baseline_scores, score
 from .speed import latency
@@ -30,10 +33,11 @@ from .structure import (Analysis, ChannelGroup, Gate, LatencyModel, ModelStats, 
 from .unstructured import load_compressed, magnitude_prune_, make_permanent_, save_compressed
 
 __all__ = [
-    "Analysis", "Baseline", "ChannelGroup", "Criterion", "Gate", "Grad", "LatencyModel", "ModelStats", "Pruner",
-    "PruningPlan", "Reduce", "Scope", "Scores", "Target", "analyze", "baseline_scores",
-    "build_info", "cost", "latency", "latency_model", "load", "load_compressed", "magnitude_prune_",
-    "make_permanent_", "model_stats", "ops", "recalibrate_bn", "register_model_family", "rule", "save",
+    "Analysis", "Baseline", "ChannelGroup", "Criterion", "Dtype", "Gate", "Grad", "LatencyModel",
+    "ModelStats", "OnnxExport", "Provider", "Pruner", "PruningPlan", "Reduce", "Scope", "Scores",
+    "Target", "analyze", "baseline_scores", "build_info", "cost", "export_onnx", "latency",
+    "latency_model", "load", "load_compressed", "magnitude_prune_", "make_permanent_",
+    "model_stats", "onnx_latency", "ops", "recalibrate_bn", "register_model_family", "rule", "save",
     "save_compressed", "score", "select_channels", "zero_channels",
 ]
 

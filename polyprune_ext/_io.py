@@ -10,21 +10,24 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional, Union
+from typing import IO, Any, Callable, Iterator, Optional, TypeVar, Union
 
 import torch
 
 PathLike = Union[str, Path]
+T = TypeVar("T")
 
 
-def replace_atomically(path: PathLike, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` writes the new content to ``tmp``; it then replaces ``path`` in one rename.
-    A failed write leaves no temporary file behind."""
+def replace_atomically(path: PathLike, write: Callable[[Path], T]) -> T:
+    """``write(tmp)`` writes the new content to ``tmp``; it then replaces ``path`` in one rename
+    and its result is returned. A failed write (an exception in ``write``: a check that refused
+    the content, too) leaves no temporary file behind and ``path`` as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(tmp)
+        result = write(tmp)
         tmp.replace(path)
+        return result
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -23,6 +23,10 @@ Scope = Literal["global", "layer"]
 Backend = Literal["fused", "torch"]
 # A batch with NaN or Inf in its scores: an error, or skipped and counted.
 NonFinite = Literal["raise", "skip"]
+# The number format a model runs in (latency rows, inference, ONNX export), as torch names it.
+Dtype = Literal["float32", "float16", "bfloat16"]
+# Where onnxruntime runs an exported model: its CPU or its CUDA execution provider.
+Provider = Literal["cpu", "cuda"]
 
 
 def names(choice: Any) -> tuple[str, ...]:

@@ -38,7 +38,7 @@ def input_shape(model: torch.nn.Module, batch: int, size: int) -> tuple[int, ...
     return (batch, first.in_channels, *[size] * (first.weight.dim() - 2))
 
 
-def _percentile(times: list[float], q: float) -> float:
+def percentile(times: list[float], q: float) -> float:
     """Nearest-rank percentile: a time actually measured, defined for any count >= 1."""
     ordered = sorted(times)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
@@ -116,7 +116,7 @@ def _row(times: list[float], batch: int, size: int, dtype: torch.dtype, channels
     ms = statistics.median(times)
     return {"batch": batch, "size": size, "dtype": str(dtype).removeprefix("torch."),
             "layout": "channels_last" if channels_last else "contiguous", "threads": threads,
-            "ms": ms, "ms_p10": _percentile(times, 0.1), "ms_p90": _percentile(times, 0.9),
+            "ms": ms, "ms_p10": percentile(times, 0.1), "ms_p90": percentile(times, 0.9),
             "repeats": len(times), "fps": batch * 1000 / ms}
 
 

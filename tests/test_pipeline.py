@@ -87,17 +87,17 @@ def test_magnitude_pruning_scopes(scope):
 
 OPTIONS = {
     "train": "task data size val-count synthetic-count batch-size workers allow-resize-masks arch encoder "
-             "encoder-weights epochs lr out resume device seed no-progress debug",
+             "encoder-weights epochs lr out resume sync-bn device seed no-progress debug",
     "prune": "checkpoint out resume criterion grad reduce target threads amount step steps scope score-batches "
              "round-to normalize-layers flops-weighted bn-recal-images finetune-epochs finetune-lr task data size val-count "
-             "synthetic-count batch-size workers allow-resize-masks device seed no-progress debug",
+             "synthetic-count batch-size workers allow-resize-masks sync-bn device seed no-progress debug",
     "sparsify": "checkpoint out sparsity scope bn-recal-images finetune-epochs finetune-lr task data size val-count "
                 "synthetic-count batch-size workers allow-resize-masks device seed no-progress debug",
     "eval": "checkpoint task data size val-count synthetic-count batch-size workers allow-resize-masks "
             "device seed debug",
-    "bench": "checkpoint arch encoder size batch-size threads warmup device debug",
-    "sweep": "checkpoint out crs scopes bn-recal-images finetune-epochs finetune-lr one-shot keep-first keep-last biases "
-             "resume task data size val-count synthetic-count batch-size workers allow-resize-masks device "
+    "bench": "checkpoint arch encoder size batch-size runtime threads warmup device debug",
+    "sweep": "checkpoint out crs scopes bn-recal-images finetune-epochs finetune-lr one-shot keep-first "
+             "keep-last biases resume task data size val-count synthetic-count batch-size workers allow-resize-masks device "
              "seed no-progress debug",
     "demo": "data size val-count synthetic-count batch-size workers allow-resize-masks arch encoder "
             "encoder-weights epochs lr amount step score-batches bn-recal-images finetune-epochs finetune-lr "

@@ -1,7 +1,7 @@
 """The README's examples run as written: every Python block, in order, in one namespace (in a
 temporary folder, since they write checkpoints), and every `polyprune` command line, in order, on
 small folders laid out where the README says its data is, with a few options appended to keep
-it small (argparse takes the last of a repeated option)."""
+it small (argparse takes the last of a repeated option); the torchrun lines parse."""
 
 import re
 import shlex
@@ -24,6 +24,8 @@ SMALL = {
     "bench": "--size 64 --batch-size 2",
     "sparsify": "--val-count 2 --batch-size 4 --finetune-epochs 1 --no-progress",
     "sweep": "--size 64 --val-count 2 --batch-size 4 --crs 1 4 --finetune-epochs 1 --no-progress",
+    "export": "--size 64",
+    "infer": "--size 64 --device cpu --no-progress",
 }
 
 
@@ -40,12 +42,16 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
     assert "with it" in capsys.readouterr().out
 
 
-def polyprune_commands():
+def command_lines(launcher):
+    """The arguments of every ``polyprune ...`` line (launcher "polyprune") or of every
+    ``torchrun ... -m polyprune_ext.cli ...`` line (launcher "torchrun")."""
     for block in blocks("bash"):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            if words and words[0] == "polyprune":
+            if words[:1] == ["polyprune"] == [launcher]:
                 yield words[1:]
+            elif words[:1] == ["torchrun"] == [launcher] and "polyprune_ext.cli" in words:
+                yield words[words.index("polyprune_ext.cli") + 1:]
 
 
 def make_kvasir(root, count=8):
@@ -74,15 +80,38 @@ def make_dsb(root, count=8):
             Image.fromarray(mask).save(root / f"s{i}" / "masks" / f"m{k}.png")
 
 
+def make_video(path, frames=6):
+    av = pytest.importorskip("av")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.height, stream.width, stream.pix_fmt = 48, 64, "yuv420p"
+        for i in range(frames):
+            image = np.full((48, 64, 3), 20 * i, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+
+
 def test_command_lines_run_in_order(tmp_path, monkeypatch, capsys):
-    commands = list(polyprune_commands())
-    assert [c[0] for c in commands] == ["train", "prune", "eval", "bench", "sparsify", "train", "sweep"]
+    commands = list(command_lines("polyprune"))
+    assert [c[0] for c in commands] == ["train", "prune", "eval", "bench", "export", "bench", "infer", "infer",
+                                        "sparsify", "train", "sweep"]
     make_kvasir(tmp_path / "kvasir-seg")
     make_dsb(tmp_path / "dsb2018-stage1-test")
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")  # ../kvasir-seg and ../dsb2018-stage1-test, as written
+    make_video(tmp_path / "work" / "colonoscopy.mp4")
     for argv in commands:
         cli.main([*argv, *SMALL[argv[0]].split()])
     for out in ("unet", "unet-50", "sparse", "nuclei", "sweep"):
         assert any((tmp_path / "work" / "runs" / out).iterdir()), out
     assert "real-time" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", list(command_lines("torchrun")), ids=" ".join)
+def test_torchrun_lines_parse(argv, tmp_path, monkeypatch):
+    make_kvasir(tmp_path / "kvasir-seg", count=2)
+    (tmp_path / "work" / "runs" / "unet").mkdir(parents=True)
+    (tmp_path / "work" / "runs" / "unet" / "model.safetensors").touch()  # parsing checks only that it is there
+    monkeypatch.chdir(tmp_path / "work")
+    argv = [word.replace("/shared/", f"{tmp_path}/") for word in argv]  # the two-node line's shared storage
+    assert callable(cli.parser().parse_args(argv).run)

@@ -1,11 +1,13 @@
-"""The polyprune command: train, prune (structured), sparsify (unstructured), eval, bench, sweep
-and demo, for the polyp and nuclei tasks.
+"""The polyprune command: train, prune (structured), sparsify (unstructured), eval, bench, sweep,
+export (ONNX), infer (images and video) and demo, for the polyp and nuclei tasks.
 
     polyprune demo                                   # synthetic data, CPU, about 5 minutes
     polyprune train --data ../kvasir-seg --out runs/unet
     polyprune prune --checkpoint runs/unet --data ../kvasir-seg --amount 0.5 --out runs/pruned
     polyprune eval --checkpoint runs/pruned --data ../kvasir-seg
     polyprune bench --checkpoint runs/pruned --size 352
+    polyprune export --checkpoint runs/pruned --onnx runs/pruned.onnx
+    polyprune infer --checkpoint runs/pruned --video colonoscopy.mp4 --out runs/video
     polyprune train --task nuclei --data ../dsb2018 --out runs/nuclei
     polyprune sweep --checkpoint runs/nuclei --data ../dsb2018 --out runs/sweep
 
@@ -17,9 +19,14 @@ run writes it, and a folder holding a run is refused unless --resume continues i
 
 Arguments, paths and data are checked before any model is loaded; a problem is one line on
 stderr, exit status 2 (--debug, or POLYPRUNE_DEBUG=1, shows the traceback instead).
+
+Under torchrun, train and prune run on every process it starts (one per GPU; gloo on CPUs):
+
+    torchrun --nproc-per-node 8 -m polyprune_ext.cli train --data ../kvasir-seg --out runs/unet
 """
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -28,9 +35,11 @@ from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 
-from . import bench, demo, evaluate, options, prune, sparsify, sweep, train
+from ..engine import distributed
+from . import bench, demo, evaluate, export, infer, options, prune, sparsify, sweep, train
 
-COMMANDS = (train, prune, sparsify, evaluate, bench, sweep, demo)
+COMMANDS = (train, prune, sparsify, evaluate, bench, export, infer, sweep, demo)
+DISTRIBUTED = ("train", "prune")  # the commands that run under torchrun
 # Failures a user can fix: bad values, files and folders, a diverging loss, memory.
 EXPECTED = (options.CommandError, ValueError, OSError, FloatingPointError, torch.cuda.OutOfMemoryError)
 
@@ -64,8 +73,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        with options.output_folder(args):
-            args.run(args)
+        if distributed.launched() and args.command not in DISTRIBUTED:
+            raise options.CommandError(f"polyprune {args.command} runs in one process: start it without "
+                                       f"torchrun (under torchrun: {', '.join(DISTRIBUTED)})")
+        # Under torchrun rank 0 alone writes, so it alone holds the --out lock.
+        writer = not distributed.launched() or os.environ.get("RANK", "0") == "0"
+        with options.output_folder(args) if writer else contextlib.nullcontext():
+            if args.command in DISTRIBUTED:
+                with distributed.process_group(args.device) as args.device:
+                    args.run(args)
+            else:
+                args.run(args)
     except (KeyboardInterrupt, Terminated) as stop:
         if debug:
             raise

@@ -124,7 +124,8 @@ def add_data(p: argparse.ArgumentParser, *, required: bool = True,
                    help="validation images (default: 12%% of the set; Kvasir-SEG benchmarks use 120)")
     p.add_argument("--synthetic-count", type=positive_int, default=None,
                    help="images in the synthetic set (default: 240 polyp, 200 nuclei)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="images per batch (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=8,
+                   help="the global batch: under torchrun each process takes its share (default %(default)s)")
     p.add_argument("--workers", type=count, default=0, help="DataLoader worker processes (default %(default)s)")
     p.add_argument("--allow-resize-masks", action="store_true",
                    help="stretch a mask of another size than its image to it (default: refuse)")
@@ -151,6 +152,13 @@ def add_run(p: argparse.ArgumentParser, *, progress: bool = True) -> None:
     if progress:
         p.add_argument("--no-progress", action="store_true",
                        help="no progress bars (a line per epoch is printed either way)")
+
+
+def add_distributed(p: argparse.ArgumentParser) -> None:
+    """What train and prune take for torchrun runs."""
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch "
+                        "(SyncBatchNorm), not each process's share")
 
 
 def add_structured(p: argparse.ArgumentParser, *, amount: float = 0.5, step: float = 0.2,
@@ -320,7 +328,7 @@ def trainer_for(task: Task, args: argparse.Namespace, model: torch.nn.Module, ou
     """A Trainer for ``model`` on ``data`` (from datasets()), with the options' batch size,
     workers, seed, device and progress bars."""
     config = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=lr, workers=args.workers,
-                         seed=args.seed)
+                         seed=args.seed, sync_batchnorm=getattr(args, "sync_bn", False))
     return Trainer(model, task, *data, config, device=args.device, out_dir=out, plan=plan,
                    progress=not args.no_progress)
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import speed
-from ..engine import PruneConfig, Trainer, iterative_prune, seed_everything
+from ..engine import PruneConfig, Trainer, distributed, iterative_prune, seed_everything
 from ..engine import report
 from . import options
 
@@ -28,11 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     options.add_task(p, from_checkpoint=True)
     options.add_data(p, size="the checkpoint's")
     options.add_run(p)
+    options.add_distributed(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    seed_everything(args.seed)
+    seed_everything(args.seed + distributed.rank())
     plan = options.checkpoint_plan(args)
     task = options.resolve_task(args, plan)
     out = Path(args.out)
@@ -43,7 +44,8 @@ def run(args: argparse.Namespace) -> None:
     trainer = options.trainer_for(task, args, model, out, data, plan=plan, lr=args.finetune_lr)
     if args.resume:
         trainer.resume()
-        options.say(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}")
+        if distributed.is_main():
+            options.say(f"resumed after step {rows[-1]['step']}, epoch {trainer.epoch}")
     config = options.prune_config(args)
     run_pruning(trainer, unpruned, config, args, out, rows=rows,
                 heading=f"Structured pruning ({config.criterion}"
@@ -55,10 +57,12 @@ def run_pruning(trainer: Trainer, unpruned: torch.nn.Module, config: PruneConfig
                 rows: Optional[list] = None) -> list:
     """Iterative pruning with logs, plot and report written as it goes; then the unpruned and
     the pruned model timed round-robin (batch 1, the run's device and threads), the only
-    latencies the log and the report give; prints the table."""
+    latencies the log and the report give; prints the table. Under torchrun every process
+    prunes and fine-tunes; rank 0 alone measures, writes and prints."""
     start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     size = args.size or trainer.task.size
+    if not distributed.is_main():
+        return iterative_prune(trainer, config, rows=rows)
     key = trainer.task.headline
 
     def on_step(rows: list) -> None:  # the log files, and a line on stderr

@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..engine import seed_everything
+from ..engine import distributed, seed_everything
 from . import options
 
 
@@ -19,11 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="AdamW learning rate (default %(default)s)")
     options.add_out(p, "the checkpoints (written every epoch)", resume_needs=("train_state.pt",))
     options.add_run(p)
+    options.add_distributed(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    seed_everything(args.seed)
+    # each process its own augmentations; DDP starts them all from rank 0's weights
+    seed_everything(args.seed + distributed.rank())
     task = options.resolve_task(args)
     out = Path(args.out)
     model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights)
@@ -31,8 +33,11 @@ def run(args: argparse.Namespace) -> None:
     trainer = options.trainer_for(task, args, model, out, data, epochs=args.epochs, lr=args.lr)
     if args.resume:
         trainer.resume()
-        options.say(f"resumed at epoch {trainer.epoch}")
+        if distributed.is_main():
+            options.say(f"resumed at epoch {trainer.epoch}")
     records = trainer.fit(max(0, args.epochs - trainer.epoch))
+    if not distributed.is_main():
+        return
     for r in records:
         print(json.dumps(r))
     print(json.dumps({"checkpoint": str(out / options.CHECKPOINT), **trainer.evaluate()}))

@@ -9,6 +9,8 @@ history and RNG) are each written to a temporary file and renamed over the old o
 never leaves a half-written file, and ``resume`` continues from the last whole epoch from
 train_state.pt alone: a kill between the two writes cannot pair a model with another
 optimizer state.
+Under torchrun (engine.distributed) it trains through DistributedDataParallel on each process's
+share of every global batch, and rank 0 alone writes checkpoints.
 
 Pruning loops (iterative pruning, sweeps) use the Trainer through the FineTuner protocol: fit,
 evaluate, the learning rate, a fresh start, checkpoints paused; never its internals.
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import _io
+from . import distributed
 from .._modes import evaluating
 from .._progress import progress
 from ..structure.plan import PruningPlan, load, read_plan, save
@@ -51,6 +54,10 @@ class TrainConfig:
     seed: int = 0
     amp: Optional[bool] = None  # None: on CUDA only
     channels_last: Optional[bool] = None  # None: on CUDA only
+    # BatchNorm statistics over the global batch under torchrun (SyncBatchNorm; GPUs only).
+    # Without it each process normalises by its own share's statistics, and evaluation, scoring
+    # and checkpoints use rank 0's running statistics.
+    sync_batchnorm: bool = False
 
 
 class FineTuner(Protocol):
@@ -86,26 +93,37 @@ class Trainer:
                  device: Union[str, torch.device] = "cpu", out_dir: Union[str, Path, None] = None,
                  plan: Optional[PruningPlan] = None, progress: bool = True):
         self.device = torch.device(device)
-        self.task, self.config, self.progress = task, config, progress
+        self.task, self.config, self.progress = task, config, progress and distributed.is_main()
         cuda = self.device.type == "cuda"
+        if config.sync_batchnorm and distributed.active() and not cuda:
+            raise ValueError("sync_batchnorm needs GPUs: torch's SyncBatchNorm runs on CUDA only")
         self.amp = cuda if config.amp is None else config.amp
         self.channels_last = cuda if config.channels_last is None else config.channels_last
-        self.model = model.to(self.device)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self._place(model)
         self.amp_dtype = torch.bfloat16 if not cuda or torch.cuda.is_bf16_supported() else torch.float16
         self.scaler = torch.amp.GradScaler(enabled=self.amp and self.amp_dtype == torch.float16)
         self.optimizer = self._adamw(config.lr)
+        # The same global batches on any number of processes: see distributed.sampler.
         self.train_loader = torch.utils.data.DataLoader(
-            train_set, batch_size=config.batch_size, shuffle=True,
+            train_set, batch_size=distributed.local_batch_size(config.batch_size),
+            sampler=distributed.sampler(train_set, config.seed),
             drop_last=len(train_set) > config.batch_size, num_workers=config.workers,
-            generator=torch.Generator().manual_seed(config.seed))
+            generator=torch.Generator().manual_seed(config.seed + distributed.rank()))
         self.val_loader = torch.utils.data.DataLoader(val_set, batch_size=config.batch_size,
                                                       num_workers=config.workers)
         size = train_set[0][0].shape[-1]
         self.plan = plan or PruningPlan.for_model(model, (1, 3, size, size))
         self.out_dir = Path(out_dir) if out_dir else None
         self.epoch, self.history = 0, []
+        self._restarted_at = 0  # the shuffle of epoch e is seeded by e - this
+
+    def _place(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.config.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
     def _adamw(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=self.config.weight_decay)
@@ -127,15 +145,17 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"])
         schedule = self._schedule(max(1, epochs * len(self.train_loader)))
+        net = distributed.wrap(self.model, self.device)  # anew: a prune changes what DDP holds
         records = []
         for _ in range(epochs):
             start = time.perf_counter()
+            self.train_loader.sampler.set_epoch(self.epoch - self._restarted_at)
             self.model.train()
             total, count = 0.0, 0
             for x, y in progress(self.batches(self.train_loader), len(self.train_loader),
                                  self.progress, f"{phase} epoch {self.epoch + 1}"):
                 with self.autocast():
-                    loss = self.task.loss_fn(self.model(x).float(), y)
+                    loss = self.task.loss_fn(net(x).float(), y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"the training loss is {loss.item()} at epoch {self.epoch + 1}")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -144,6 +164,8 @@ class Trainer:
                 self.scaler.update()
                 schedule.step()
                 total, count = total + loss.item() * len(x), count + len(x)
+            total, count = distributed.sum_over_ranks(total, count)
+            distributed.broadcast_buffers(self.model)
             self.epoch += 1
             record = {"phase": phase, "epoch": self.epoch, "loss": total / max(count, 1), **self.evaluate()}
             records.append(record)
@@ -190,8 +212,9 @@ class Trainer:
         started from (batch order, augmentations): each point of a sweep then fine-tunes from
         the same start, and a resumed sweep repeats the points it lost exactly."""
         self.optimizer = self._adamw(self.config.lr if lr is None else lr)
-        seed_everything(self.config.seed)
-        self.train_loader.generator.manual_seed(self.config.seed)
+        seed_everything(self.config.seed + distributed.rank())
+        self.train_loader.generator.manual_seed(self.config.seed + distributed.rank())
+        self._restarted_at = self.epoch
 
     @contextlib.contextmanager
     def checkpoints_paused(self) -> Iterator[None]:
@@ -207,8 +230,8 @@ class Trainer:
     def save(self) -> None:
         """model.safetensors (weights and pruning plan), then train_state.pt (the resume point:
         the same weights and plan with the optimizer, scaler, epoch, history and RNG) in out_dir,
-        each replaced whole."""
-        if self.out_dir is None:
+        each replaced whole; by rank 0 alone under torchrun."""
+        if self.out_dir is None or not distributed.is_main():
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save(self.out_dir / "model.safetensors", self.model, self.plan)
@@ -236,11 +259,8 @@ class Trainer:
             model = plan.build(state["model"], path)
         else:  # written before train_state.pt held the model: it goes with model.safetensors
             plan, model = read_plan(self.out_dir / "model.safetensors"), load(self.out_dir / "model.safetensors")
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
         # The checkpoint may be pruned: its model, with a new optimizer loaded with its state.
-        self.model, self.plan = model, plan
+        self.model, self.plan = self._place(model), plan
         self.optimizer = self._adamw(self.config.lr)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
