@@ -76,16 +76,51 @@ class Tracer(TorchDispatchMode):
         """Give t a space; ``origin`` maps groups to the proposals that gate them in t."""
         if isinstance(t, torch.Tensor):
             self.space[id(t)] = space
-            self.origin[id(t)] = origin or {}
+            self.origin[id(t)] = self.listed(space, origin or {})
             self.alive.append(t)
+
+    def listed(self, space: Space, origin: Origin) -> Origin:
+        """``origin`` keyed by the group ids ``space`` lists (groups tied since keep their own
+        entries: see origin_of)."""
+        roots: dict[int, frozenset] = {}
+        for g, proposals in origin.items():
+            roots[self.groups.find(g)] = roots.get(self.groups.find(g), frozenset()) | proposals
+        return {g: roots[self.groups.find(g)] for g in space.groups if self.groups.find(g) in roots}
 
     def follow(self, out: Any, x: torch.Tensor, space: Optional[Space] = None) -> None:
         """``out`` holds ``x``'s channels with the same values (zeros stay zeros), in ``space``
         (default: x's own)."""
-        self.set_space(out, space or self.space[id(x)], self.origin.get(id(x)))
+        self.set_space(out, space or self.space[id(x)], self.origin_of(x))
 
     def origin_of(self, t: torch.Tensor) -> Origin:
-        return {self.groups.find(g): p for g, p in self.origin.get(id(t), {}).items()}
+        """{group: proposals} of t by root. Groups tied after t was made are zeroed in t only
+        where each of them was, by all of their proposals together."""
+        stored, space = self.origin.get(id(t), {}), self.space.get(id(t), Space(0, []))
+        merged: Origin = {}
+        missing = set()
+        for g in space.groups:
+            root = self.groups.find(g)
+            if g in stored:
+                merged[root] = merged.get(root, frozenset()) | stored[g]
+            else:
+                missing.add(root)
+        return {g: p for g, p in merged.items() if g not in missing}
+
+    def merged_origin(self, tensors: Iterable[torch.Tensor]) -> Origin:
+        """The origin of a tensor made of the channels of ``tensors`` (a concatenation, a
+        stack): a group is zeroed in it where it is zeroed in each of them that holds it, so it
+        takes all of their proposals."""
+        merged: Origin = {}
+        missing = set()
+        for x in tensors:
+            origin = self.origin_of(x)
+            for g in self.space[id(x)].groups:
+                root = self.groups.find(g)
+                if root in origin:
+                    merged[root] = merged.get(root, frozenset()) | origin[root]
+                else:
+                    missing.add(root)
+        return {g: p for g, p in merged.items() if g not in missing}
 
     def propose(self, out: Any, space: Space) -> None:
         """The op making ``out`` set the values of its channels: a new gate is proposed there,
@@ -133,7 +168,7 @@ class Tracer(TorchDispatchMode):
                 gated.add((proposal, is_gated or proposal.module == name))
             origin[root] = frozenset(gated)
             offset += size
-        self.origin[id(out)] = origin
+        self.origin[id(out)] = self.listed(space, origin)
 
     def where(self) -> str:
         return f" in {self.stack[-1]}" if self.stack else ""

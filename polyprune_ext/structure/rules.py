@@ -464,27 +464,24 @@ def elementwise(t: "Tracer", call: OpCall) -> Optional[bool]:
 @rule(aten.cat, aten.stack)
 def join(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Concatenation along the channels joins spaces (U-Net skips); stacking, or concatenating
-    along another dim, puts the inputs' channels in one dim: their groups are tied."""
+    along another dim, puts the inputs' channels in one dim: their groups are tied. A group
+    found in several inputs (GhostNet's ``cat([x1, cheap(x1)])``, DLA's ``cat([f(x) + x, x])``)
+    is zeroed in the output only when it is zeroed in every one of them: it keeps every input's
+    gates."""
     tensors, out, func = call["tensors"], call.first, call.func
     spaces = [t.channels(x) or t.frozen_space(x, f"{func} input of unknown origin") for x in tensors]
     dims = {x.dim() - s.dim for x, s in zip(tensors, spaces)}  # channel dims from the right
     if len(dims) != 1:
         return t.unknown(tensors, f"{func} of tensors with channels in different dims")
     channel_dim = out.dim() - dims.pop()
-    origins = [t.origin_of(x) for x in tensors]
     if func.overloadpacket is aten.cat and call["dim"] % out.dim() == channel_dim:
-        groups = [g for s in spaces for g in s.groups]
-        origin = {g: p for o in origins for g, p in o.items()}
-        return t.set_space(out, Space(channel_dim, groups), origin)
-    first = spaces[0]
-    for s in spaces[1:]:
-        if t.groups.sizes(s.groups) != t.groups.sizes(first.groups):
-            return t.unknown(tensors, f"{func} of differently concatenated channels")
-        for ga, gb in zip(first.groups, s.groups):
-            t.groups.tie(ga, gb, str(func))
-    origin = {}
-    for g in first.groups:
-        g = t.groups.find(g)
-        if all(g in o for o in origins):
-            origin[g] = frozenset().union(*(o[g] for o in origins))
-    t.set_space(out, Space(channel_dim, first.groups), origin)
+        space = Space(channel_dim, [g for s in spaces for g in s.groups])
+    else:
+        first = spaces[0]
+        for s in spaces[1:]:
+            if t.groups.sizes(s.groups) != t.groups.sizes(first.groups):
+                return t.unknown(tensors, f"{func} of differently concatenated channels")
+            for ga, gb in zip(first.groups, s.groups):
+                t.groups.tie(ga, gb, str(func))
+        space = Space(channel_dim, first.groups)
+    t.set_space(out, space, t.merged_origin(tensors))
