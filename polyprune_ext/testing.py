@@ -134,7 +134,7 @@ class Toy(torch.nn.Module):
 
 class Grouped(torch.nn.Module):
     """ResNeXt-style grouped convs: one reading a concatenation of two groups that spans its conv
-    groups whole, one whose conv groups would cut a group (frozen)."""
+    groups whole, one whose conv groups cut a group (the groups are cut to line up)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -143,7 +143,7 @@ class Grouped(torch.nn.Module):
         self.grouped, self.grouped_bn = torch.nn.Conv2d(12, 6, 3, padding=1, groups=3), bn(6)
         self.expand, self.expand_bn = torch.nn.Conv2d(6, 10, 1), bn(10)
         self.c, self.d = torch.nn.Conv2d(3, 5, 1), torch.nn.Conv2d(3, 7, 1)
-        self.cut = torch.nn.Conv2d(12, 4, 1, groups=2)  # 6 channels per conv group: c's 5 cut
+        self.cut = torch.nn.Conv2d(12, 4, 1, groups=2)  # 6 channels per conv group: d cut
         self.head = torch.nn.Conv2d(14, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ scores depend on it, by TaylorFO against masks placed by hand."""
 import pytest
 import torch
 
-from polyprune_ext import score
+from polyprune_ext import analyze, cost, model_stats, score, select_channels
+from polyprune_ext.structure import prune_
 from polyprune_ext.testing import prune_and_compare
 
 bn = torch.nn.BatchNorm2d
@@ -66,3 +67,154 @@ def test_taylor_scores_a_channel_that_enters_a_concatenation_twice():
         h.remove()
     (i,) = [i for i, g in enumerate(got.analysis.groups) if g.prunable and g.size == 6]
     torch.testing.assert_close(got.values[i], mask.grad.flatten(1).abs().sum(0))
+
+
+class MixedLike(torch.nn.Module):
+    """timm's MixedConv2d: split sizes held in ``self.splits``, a conv of its own per piece."""
+
+    def __init__(self, splits=(4, 6)):
+        super().__init__()
+        self.splits = list(splits)
+        self.parts = torch.nn.ModuleList(torch.nn.Conv2d(n, n, k, padding=k // 2, groups=n)
+                                         for n, k in zip(splits, (3, 5)))
+
+    def forward(self, x):
+        return torch.cat([c(p) for c, p in zip(self.parts, torch.split(x, self.splits, 1))], 1)
+
+
+class LiteralSplit(MixedLike):
+    def __init__(self):
+        super().__init__()
+        del self.splits
+
+    def forward(self, x):
+        return torch.cat([c(p) for c, p in zip(self.parts, torch.split(x, [4, 6], 1))], 1)
+
+
+class Mixed(torch.nn.Module):
+    def __init__(self, mixed=MixedLike):
+        super().__init__()
+        self.stem, self.mixed, self.post = conv_bn(3, 10, 3), mixed(), conv_bn(10, 6)
+        self.head = torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.post(torch.relu(self.mixed(self.stem(x)))))
+
+
+def test_split_sizes_held_by_a_module_follow_a_prune():
+    """Bug class b: the stored sizes were left as they were, and the pruned model failed at its
+    first forward. The stem's one group is cut where the split cuts it."""
+    model = Mixed()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    assert model.mixed.splits == [2, 3] == [c.out_channels for c in model.mixed.parts]
+    assert not analysis.report().count("split")
+
+
+def test_split_sizes_the_surgery_cannot_update_freeze():
+    analysis, _, _, error = prune_and_compare(Mixed(LiteralSplit), torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    assert "sizes [4, 6] that are not attributes" in analysis.report()
+    assert not any(s.name.startswith("stem.") for g in analysis.prunable for s in g.slots)
+
+
+class BlurLike(torch.nn.Module):
+    """timm's BlurPool2d: a depthwise F.conv2d whose weight is a non-persistent buffer and whose
+    groups are ``self.channels``."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("filt", torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0]))
+                             .div(16).expand(channels, 1, 3, 3).clone(), persistent=False)
+
+    def forward(self, x):
+        x = torch.nn.functional.pad(x, [1, 1, 1, 1], mode="reflect")
+        return torch.nn.functional.conv2d(x, self.filt, stride=2, groups=self.channels)
+
+
+class Blurred(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.blur, self.head = conv_bn(3, 8, 3), BlurLike(8), torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.blur(self.stem(x)))
+
+
+def test_buffers_as_weights_are_costed_and_pruned():
+    """Bug class c: the cost model raised KeyError on the buffer, and the pruned model failed at
+    its forward (``channels`` not updated)."""
+    x = torch.randn(1, 3, 16, 16)
+    model = Blurred().eval()
+    analysis = analyze(model, x)
+    assert cost(analysis)["flops"] == model_stats(model, x).flops  # the buffer conv counted
+    assert cost(analysis)["params"] == model_stats(model, x).params  # and not as a parameter
+    keep = select_channels(analysis, {i: torch.rand(g.size) for i, g in enumerate(analysis.groups)
+                                      if g.prunable}, amount=0.5)
+    predicted = cost(analysis, {i: len(k) for i, k in keep.items()})
+    prune_(model, analysis, keep)
+    assert model.blur.channels == model.blur.filt.shape[0] == model.stem[0].out_channels < 8
+    assert predicted["flops"] == model_stats(model, x).flops
+    analysis, _, _, error = prune_and_compare(Blurred(), x, 0.5)
+    assert error <= 1e-9
+
+
+class SqueezeExcite(torch.nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.reduce, self.expand = torch.nn.Conv2d(channels, 4, 1), torch.nn.Conv2d(4, channels, 1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+
+
+class GhostSE(GhostLike):
+    """SE over a concatenation (GhostNet): the gate's one group is cut to line up with the cat."""
+
+    def __init__(self):
+        super().__init__()
+        self.se = SqueezeExcite(12)
+
+    def forward(self, x):
+        x1 = self.primary(self.stem(x))
+        return self.head(self.se(torch.cat([x1, self.cheap(x1)], 1)))
+
+
+class GroupedSE(torch.nn.Module):
+    """SE after a grouped conv (RegNetY): the gate is cut into the conv's blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.grouped = conv_bn(3, 8, 3), conv_bn(8, 12, 3, groups=4)
+        self.se, self.head = SqueezeExcite(12), torch.nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.se(self.grouped(self.stem(x))))
+
+
+@pytest.mark.parametrize("model", [GhostSE, GroupedSE])
+def test_squeeze_excitation_over_differently_concatenated_channels(model):
+    analysis, _, _, error = prune_and_compare(model(), torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    assert analysis.report().count("\n") == 1  # the model's input and output alone are frozen
+
+
+class Chunked(torch.nn.Module):
+    """torch.chunk's pieces are computed from the input: they stay equal, tied block to block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = conv_bn(3, 6, 3), conv_bn(3, 6, 3), torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        left, right = torch.cat([self.a(x), self.b(x)], 1).chunk(2, dim=1)
+        return self.head(left * torch.sigmoid(right))
+
+
+def test_chunks_stay_equal():
+    model = Chunked()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9 and model.a[0].out_channels == model.b[0].out_channels == 3
+    (tied,) = [g for g in analysis.groups if any(s.name == "a.0.weight" and s.dim == 0 for s in g.slots)]
+    assert any(s.name == "b.0.weight" for s in tied.slots)  # one group: never pruned apart

@@ -32,7 +32,7 @@ def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None) -> dict[str,
     numel = {name: math.prod(dim_sizes.get((name, d), n) for d, n in enumerate(shape))
              for name, shape in analysis.shapes.items()}
     return {
-        "params": sum(numel.values()),
+        "params": sum(n for name, n in numel.items() if name not in analysis.buffers),
         "flops": sum(f * numel[name] for name, f in analysis.flops_per_weight.items()),
         "channels": sum(kept.get(i, g.size) for i, g in enumerate(analysis.groups) if g.prunable),
     }

@@ -125,9 +125,9 @@ def convolution(t: "Tracer", call: OpCall) -> Optional[bool]:
     transposed, groups = call["transposed"], call["groups"]
     name, bias_name = t.name_of(weight), t.name_of(bias)
     space = t.channels(x) or t.frozen_space(x, f"{call.func} input of unknown origin")
-    module = name.rsplit(".", 1)[0] if name else None
-    if name is None or bias is not None and bias_name is None:
-        return t.unknown([x], f"{call.func} with a weight or bias that is not a parameter")
+    if name is None or t.tensors[name].shape != weight.shape or bias is not None and bias_name is None:
+        return t.unknown([x], f"{call.func} with a weight or bias that is not one of the "
+                              "model's parameters or buffers")
     if space.dim != 1:
         return t.unknown([x], f"{call.func} reads dim 1, the channels are in dim {space.dim}")
     in_channels, out_channels = x.shape[1], out.shape[1]
@@ -135,6 +135,7 @@ def convolution(t: "Tracer", call: OpCall) -> Optional[bool]:
     # input, for a transposed conv) in every sample: the count torch.utils.flop_counter gives.
     positions = (x if transposed else out).shape[2:].numel() * out.shape[0]
     t.flops_per_weight[name] = t.flops_per_weight.get(name, 0) + 2 * positions
+    functional = not isinstance(t.module(), torch.nn.modules.conv._ConvNd)
     if groups == 1:
         t.read(x)
         t.add_slots(space, name, 0 if transposed else 1)
@@ -143,34 +144,40 @@ def convolution(t: "Tracer", call: OpCall) -> Optional[bool]:
         if bias_name:
             t.add_slots(Space(1, [group]), bias_name, 0)
         t.propose(out, Space(1, [group]))
-    elif groups == in_channels == out_channels and not transposed:  # depthwise: per channel
+    elif groups == in_channels == out_channels:  # depthwise: per channel
+        # F.conv2d(x, self.filt, groups=self.channels) (timm's BlurPool2d): the count is set
+        if functional and not t.bookkeeping(groups, [list(space.groups)]):
+            return t.unknown([x], f"depthwise convolution whose groups={groups} are not an "
+                                  "attribute of the module calling it")
         t.read(x, per_channel=True)
         t.add_slots(space, name, 0)
         if bias_name:
             t.add_slots(space, bias_name, 0)
         t.propose(out, space)
-    elif not transposed and in_channels > groups and t.split_into_blocks(space, groups):
-        grouped_convolution(t, x, out, groups, name, bias_name)
+    elif groups == in_channels:
+        t.unknown([x], f"depthwise convolution with {out_channels // groups} outputs per input "
+                       "channel: an input channel would take a run of outputs with it")
     else:
-        t.unknown([x], f"{module}: grouped convolution ({groups} groups) whose input "
-                       "channels do not split into whole groups' blocks")
+        local = t.blocks(x, groups, "grouped convolution")
+        if local is None:
+            return t.unknown([x], f"grouped convolution ({groups} groups) whose input channels "
+                                  "do not split into equal conv groups")
+        grouped_convolution(t, x, out, groups, local, name, bias_name, transposed)
 
 
-def grouped_convolution(t: "Tracer", x: torch.Tensor, out: torch.Tensor, groups: int, name: str,
-                        bias_name: Optional[str]) -> None:
+def grouped_convolution(t: "Tracer", x: torch.Tensor, out: torch.Tensor, groups: int, local: list[int],
+                        name: str, bias_name: Optional[str], transposed: bool) -> None:
     """Conv group j reads input channels [j * wi, (j + 1) * wi) and writes output channels
     [j * wo, (j + 1) * wo); every conv group must keep as many channels as the others. So the
-    same local channel goes from every conv group: the input space, already split into
-    ``groups`` blocks of wi, is tied block to block, and the output is one group of wo
-    channels repeated ``groups`` times (ResNeXt, RegNet)."""
-    space = t.channels(x)
+    same local channel goes from every conv group: the input's blocks are tied (``local``, the
+    groups of one block, Tracer.blocks), and the output is one group of wo channels repeated
+    ``groups`` times (ResNeXt, RegNet). The weight holds one block's input channels (all of
+    them, transposed) and every output channel (one block's)."""
     t.read(x)
-    for block in space.groups[1:]:
-        t.groups.tie(space.groups[0], block, "grouped convolution")
-    t.add_slots(Space(1, space.groups[:1]), name, 1)  # weight dim 1 is local
     group = t.groups.new(out.shape[1] // groups)
     repeated = Space(1, [group] * groups)
-    t.add_slots(repeated, name, 0)
+    t.add_slots(t.channels(x) if transposed else Space(1, local), name, 0 if transposed else 1)
+    t.add_slots(Space(1, [group]) if transposed else repeated, name, 1 if transposed else 0)
     if bias_name:
         t.add_slots(repeated, bias_name, 0)
     t.propose(out, repeated)
@@ -198,7 +205,8 @@ def linear(t: "Tracer", call: OpCall) -> Optional[bool]:
 
 def per_channel_norm(t: "Tracer", x: torch.Tensor, tensors: Sequence[Any], out: torch.Tensor,
                      what: str) -> None:
-    """A norm with statistics and parameters per channel of dim 1 (batch or instance norm)."""
+    """A norm with statistics and parameters per channel of dim 1 (batch or instance norm); a
+    torch.nn norm's channel count follows."""
     space = t.channels(x)
     names = [t.name_of(v) for v in tensors if v is not None]
     if space is None:
@@ -209,6 +217,8 @@ def per_channel_norm(t: "Tracer", x: torch.Tensor, tensors: Sequence[Any], out: 
     t.read(x, per_channel=True)
     for name in names:
         t.add_slots(space, name, 0)
+    if isinstance(t.module(), torch.nn.modules.batchnorm._NormBase):
+        t.bookkeeping(x.shape[1], [list(space.groups)], name="num_features")
     t.propose(out, space)
 
 
@@ -227,11 +237,25 @@ def instance_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
 
 @rule(aten.native_group_norm)
 def group_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
-    x = call.x
-    if t.channels(x) is not None and call["group"] == x.shape[1]:  # one channel per group
-        return per_channel_norm(t, x, [call["weight"], call["bias"]], call.first, str(call.func))
-    t.unknown([x], f"group norm of {x.shape[1] // call['group']} channels per group: "
-                   "removing one would change the others")
+    x, groups = call.x, call["group"]
+    space = t.channels(x)
+    if space is None or groups != x.shape[1]:
+        return t.unknown([x], f"group norm of {x.shape[1] // groups} channels per group: "
+                              "removing one would change the others")
+    if not counted(t, groups, space, x.shape[1] // groups):
+        return t.unknown([x], f"group norm whose group count {groups} is not an attribute of "
+                              "the module calling it")
+    per_channel_norm(t, x, [call["weight"], call["bias"]], call.first, str(call.func))
+
+
+def counted(t: "Tracer", groups: int, space: Space, per: int) -> bool:
+    """Whether a group norm's counts will follow a prune: torch.nn.GroupNorm's are set; a
+    functional call's group count must be an attribute of the module calling it."""
+    pieces = [list(space.groups)]
+    if isinstance(t.module(), torch.nn.GroupNorm):
+        return t.bookkeeping(groups, pieces, per, name="num_groups") and \
+            t.bookkeeping(sum(t.groups.sizes(space.groups)), pieces, name="num_channels")
+    return t.bookkeeping(groups, pieces, per)
 
 
 @rule(aten.native_layer_norm)
@@ -353,8 +377,11 @@ def view(t: "Tracer", call: OpCall) -> Optional[bool]:
 
 @rule(aten.select, aten.slice, aten.split, aten.split_with_sizes, aten.unbind)
 def index(t: "Tracer", call: OpCall) -> Optional[bool]:
-    """select, slice, split, unbind: across other dims the space passes; along the channels,
-    pieces that are whole groups map back to them."""
+    """select, slice, split, unbind: across other dims the space passes. Along the channels,
+    groups are cut at the pieces' bounds; the sizes, fixed numbers in the call, must be
+    attributes of the running module (timm's MixedConv2d ``self.splits``) for the surgery to
+    set them, else the pieces freeze. A slice of the whole dim passes unchanged, and
+    torch.chunk's relative pieces have their own rule."""
     x, space, packet = call.x, t.channels(call.x), call.func.overloadpacket
     if space is None:
         return False
@@ -368,25 +395,53 @@ def index(t: "Tracer", call: OpCall) -> Optional[bool]:
         for piece in pieces:
             t.follow(piece, x, new)
         return
-    if packet in (aten.select, aten.unbind):
+    if packet in (aten.select, aten.unbind) or packet is aten.slice and call["step"] != 1:
+        return False  # channels by index: the indices would not follow a prune
+    total, sizes = x.shape[dim], [p.shape[dim] for p in pieces]
+    start = slice(call["start"], call["end"]).indices(total)[0] if packet is aten.slice else 0
+    if sizes == [total]:
+        return t.follow(pieces[0], x)  # the whole dim (GhostNet's out[:, :self.out_chs])
+    if packet is aten.split and len(set(sizes[:-1])) == 1 and sizes[-1] == sizes[0]:
+        local = t.blocks(x, len(sizes), f"{call.func} into equal pieces")  # pieces stay equal
+        if local is None or not t.bookkeeping(sizes[0], [local]):
+            return t.unknown([x], f"{call.func} into pieces of {sizes[0]} channels, not an "
+                                  "attribute of the module calling it")
+        for piece in pieces:
+            t.follow(piece, x, Space(dim, local))
+        return
+    bounds = [start + sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    if packet is aten.split or not t.cut_at(x, bounds):
         return False
-    if packet is aten.slice:
-        if call["step"] != 1:
-            return False
-        start, _, _ = slice(call["start"], call["end"]).indices(x.shape[dim])
-        bounds = [(start, start + call.out.shape[dim])]
+    groups, offsets = t.channels(x).groups, t.boundaries(x)
+    held = [groups[offsets.index(a):offsets.index(b)] for a, b in zip(bounds, bounds[1:])]
+    if packet is aten.slice:  # x[:, a:b]: the bounds other than 0 and the end
+        found = all(t.bookkeeping(b, [groups[:offsets.index(b)]]) for b in bounds if 0 < b < total)
     else:
-        sizes = [p.shape[dim] for p in pieces]
-        bounds = [(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
-    offsets, o = [], 0
-    for size in t.groups.sizes(space.groups):
-        offsets.append(o)
-        o += size
-    offsets.append(o)
-    if any(a not in offsets or b not in offsets for a, b in bounds):
-        return False  # a piece would cut a group
-    for piece, (a, b) in zip(pieces, bounds):
-        t.follow(piece, x, Space(space.dim, space.groups[offsets.index(a):offsets.index(b)]))
+        found = t.bookkeeping(sizes, held) or all(t.bookkeeping(n, [h]) for n, h in zip(sizes, held))
+    if not found:
+        return t.unknown([x], f"{call.func} with sizes {sizes} that are not attributes of the "
+                              "module calling it")
+    for piece, h in zip(pieces, held):
+        t.follow(piece, x, Space(dim, h))
+
+
+@rule(torch.chunk, torch.Tensor.chunk, params=("input", "chunks", "dim"))
+def chunk(t: "Tracer", call: OpCall) -> Optional[bool]:
+    """Equal pieces, their size computed from the input's: tied block to block, so that they
+    stay equal (an uneven last piece would not)."""
+    x, pieces = call["input"], list(call.out)
+    space, dim = t.channels(x), call.get("dim", 0) % x.dim()
+    if dim != space.dim:
+        for piece in pieces:
+            t.follow(piece, x)
+        return
+    if len({p.shape[dim] for p in pieces}) != 1:
+        return False
+    local = t.blocks(x, len(pieces), "chunk")
+    if local is None:
+        return False
+    for piece in pieces:
+        t.follow(piece, x, Space(dim, local))
 
 
 # -- several activations -----------------------------------------------------------------------
@@ -427,10 +482,11 @@ def elementwise(t: "Tracer", call: OpCall) -> Optional[bool]:
             else:
                 return t.unknown([a, b], f"{func} of channels that do not line up")
     if sa is not None and sb is not None:
-        if t.groups.sizes(sa.groups) != t.groups.sizes(sb.groups):
-            return t.unknown([a, b], f"{func} of differently concatenated channels")
-        for ga, gb in zip(sa.groups, sb.groups):
-            t.groups.tie(ga, gb, str(func))
+        # SE over a concatenation (GhostNet), over a grouped conv's blocks (RegNetY): the
+        # groups are cut to line up, then tied
+        if not t.align([a, b], str(func)):
+            return t.unknown([a, b], f"{func} of channels whose group norm units do not line up")
+        sa = t.channels(a)
         oa, ob = t.origin_of(a), t.origin_of(b)
         if packet in (aten.div, aten.div_):
             t.read(b)
@@ -477,11 +533,8 @@ def join(t: "Tracer", call: OpCall) -> Optional[bool]:
     if func.overloadpacket is aten.cat and call["dim"] % out.dim() == channel_dim:
         space = Space(channel_dim, [g for s in spaces for g in s.groups])
     else:
-        first = spaces[0]
-        for s in spaces[1:]:
-            if t.groups.sizes(s.groups) != t.groups.sizes(first.groups):
-                return t.unknown(tensors, f"{func} of differently concatenated channels")
-            for ga, gb in zip(first.groups, s.groups):
-                t.groups.tie(ga, gb, str(func))
-        space = Space(channel_dim, first.groups)
+        if len({x.shape[x.dim() - d] for x in tensors for d in [out.dim() - channel_dim]}) > 1 or \
+                not t.align(tensors, str(func)):
+            return t.unknown(tensors, f"{func} of channels that do not line up")
+        space = Space(channel_dim, t.channels(tensors[0]).groups)
     t.set_space(out, space, t.merged_origin(tensors))

@@ -49,12 +49,13 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
         else:
             ops.compact_(tensor, indices, dim)
     update_module_attributes(model)
+    set_attributes(model, analysis, keep)
     return {"group_sizes": [g.size for g in analysis.groups],
             "keep": {str(i): torch.as_tensor(k).tolist() for i, k in sorted(keep.items())}}
 
 
 def update_module_attributes(model: torch.nn.Module) -> None:
-    """Channel counts of convs, linear layers and norms read back from their (compacted) tensors."""
+    """Channel counts of convs and linear layers read back from their (compacted) weights."""
     for m in model.modules():
         if isinstance(m, torch.nn.modules.conv._ConvNd):
             depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
@@ -66,14 +67,16 @@ def update_module_attributes(model: torch.nn.Module) -> None:
                 m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
         elif isinstance(m, torch.nn.Linear):
             m.out_features, m.in_features = m.weight.shape
-        elif isinstance(m, torch.nn.GroupNorm) and m.weight is not None:
-            if m.num_groups == m.num_channels:  # only per-channel group norms are pruned
-                m.num_groups = m.weight.shape[0]
-            m.num_channels = m.weight.shape[0]
-        elif isinstance(m, torch.nn.modules.batchnorm._NormBase):
-            reference = m.weight if m.weight is not None else m.running_mean
-            if reference is not None:
-                m.num_features = reference.shape[0]
+
+
+def set_attributes(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any]) -> None:
+    """The module attributes that hold channel counts (Analysis.attributes: norms' channel and
+    group counts, split sizes, a functional depthwise conv's channels) set to the kept counts."""
+    for a in analysis.attributes:
+        counts = [sum(len(keep[i]) if i in keep else analysis.groups[i].size for i in piece) // a.per
+                  for piece in a.pieces]
+        module = model.get_submodule(a.module)
+        setattr(module, a.name, type(getattr(module, a.name))(counts) if a.listed else counts[0])
 
 
 def zero_channels(model: torch.nn.Module, analysis: Analysis,
