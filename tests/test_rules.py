@@ -218,3 +218,25 @@ def test_chunks_stay_equal():
     assert error <= 1e-9 and model.a[0].out_channels == model.b[0].out_channels == 3
     (tied,) = [g for g in analysis.groups if any(s.name == "a.0.weight" and s.dim == 0 for s in g.slots)]
     assert any(s.name == "b.0.weight" for s in tied.slots)  # one group: never pruned apart
+
+
+class PReLUs(torch.nn.Module):
+    """A PReLU weight per channel, and a single one (MONAI's default activation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.act_a = torch.nn.Conv2d(3, 8, 3), torch.nn.PReLU(8)
+        self.b, self.act_b = torch.nn.Conv2d(8, 6, 3), torch.nn.PReLU()
+        self.head = torch.nn.Conv2d(6, 2, 1)
+        torch.nn.init.uniform_(self.act_a.weight, -1, 1)
+
+    def forward(self, x):
+        return self.head(self.act_b(self.b(self.act_a(self.a(x)))))
+
+
+def test_prelu_weights_follow_their_channels():
+    model = PReLUs()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 12, 12), 0.5)
+    assert error <= 1e-9 and len(analysis.prunable) == 2
+    assert model.act_a.weight.shape == (4,) and model.act_a.num_parameters == 4
+    assert model.act_b.weight.shape == (1,)

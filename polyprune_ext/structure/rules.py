@@ -277,10 +277,11 @@ def _same_shape(t: "Tracer", call: OpCall) -> bool:
         call.first.shape == call.x.shape
 
 
-@rule(aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.hardtanh, aten.hardtanh_,
-      aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.leaky_relu_, aten.elu, aten.elu_,
-      aten.mish, aten.tanh, aten.clone, aten.detach, aten.alias, aten._to_copy, aten.dropout,
-      aten.native_dropout)
+@rule(aten.relu, aten.relu_, aten.gelu, aten.gelu_, aten.silu, aten.silu_, aten.hardtanh,
+      aten.hardtanh_, aten.hardswish, aten.hardswish_, aten.leaky_relu, aten.leaky_relu_, aten.elu,
+      aten.elu_, aten.celu, aten.celu_, aten.selu, aten.selu_, aten.mish, aten.mish_, aten.tanh,
+      aten.tanh_, aten.abs, aten.neg, aten.erf, aten.sqrt, aten.softshrink, aten.hardshrink,
+      aten.clone, aten.detach, aten.alias, aten._to_copy, aten.dropout, aten.native_dropout)
 def zero_keeping(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Element-wise ops that map zero to zero: the output keeps the input's space and gates."""
     if not _same_shape(t, call):
@@ -288,7 +289,45 @@ def zero_keeping(t: "Tracer", call: OpCall) -> Optional[bool]:
     t.follow(call.first, call.x)
 
 
-@rule(aten.sigmoid, aten.sigmoid_, aten.hardsigmoid, aten.exp, aten.clamp, aten.softplus)
+@rule(aten._prelu_kernel)
+def prelu(t: "Tracer", call: OpCall) -> Optional[bool]:
+    """PReLU maps zero to zero, so its output keeps the input's gates; a weight per channel
+    (``nn.PReLU(channels)``) is a slot of their groups, a single one (MONAI's default) stays."""
+    x, weight = call.x, call["weight"]
+    if not _same_shape(t, call):
+        return False
+    space, dim = t.channels(x), per_channel_operand(t, weight, x)
+    if dim is False:
+        return t.unknown([x], f"{call.func} with a per-channel weight that is not traced")
+    if dim is not None:
+        t.add_slots(space, t.name_of(weight), dim)
+        if isinstance(t.module(), torch.nn.PReLU):
+            t.bookkeeping(x.shape[space.dim], [list(space.groups)], name="num_parameters")
+    t.follow(call.first, x)
+
+
+@rule(aten.addcmul)
+def addcmul(t: "Tracer", call: OpCall) -> Optional[bool]:
+    """``base + value * a * b`` with one activation and per-channel (or constant) others: an
+    affine map per channel (timm's GlobalResponseNorm: ``addcmul(bias, weight, x)``)."""
+    base, a, b = call.x, call["tensor1"], call["tensor2"]
+    traced = [v for v in (base, a, b) if t.channels(v) is not None]
+    if len(traced) != 1 or traced[0] is base or call.first.shape != traced[0].shape:
+        return False
+    x, others = traced[0], (b if traced[0] is a else a, base)
+    space, dims = t.channels(x), [per_channel_operand(t, v, x) for v in others]
+    if False in dims:
+        return t.unknown([x], f"{call.func} with a per-channel operand that is not traced")
+    for other, dim in zip(others, dims):
+        if dim is not None:
+            t.add_slots(space, t.name_of(other), dim)
+    t.read(x, per_channel=True)
+    t.propose(call.first, space)
+
+
+@rule(aten.sigmoid, aten.sigmoid_, aten.hardsigmoid, aten.hardsigmoid_, aten.exp, aten.exp_,
+      aten.clamp, aten.clamp_, aten.clamp_min, aten.softplus, aten.rsub, aten.reciprocal,
+      aten.rsqrt, aten.log, aten.pow)
 def value_setting(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Element-wise ops that do not keep zeros zero: the output needs a gate of its own."""
     if not _same_shape(t, call):
