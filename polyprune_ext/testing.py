@@ -57,16 +57,24 @@ def zeroed_reference(model: torch.nn.Module, analysis: Analysis, keep: dict) -> 
     return reference
 
 
+def random_runs(runs: int, unit: int, share: float, gen: torch.Generator) -> torch.Tensor:
+    """Sorted channel indices of ``share`` of ``runs`` aligned runs of ``unit`` channels (at
+    least one run), chosen at random."""
+    chosen = torch.randperm(runs, generator=gen)[: max(1, round(runs * share))]
+    return (chosen[:, None] * unit + torch.arange(unit)).flatten().sort().values
+
+
 def prune_and_compare(model: torch.nn.Module, x: torch.Tensor, ratio: float,
                       seed: int = 0) -> tuple[Analysis, ModelStats, ModelStats, float]:
-    """Prune ``ratio`` of every prunable group of ``model`` (in place, in float64) at random and
-    compare with a float64 reference in which those channels are zeroed at their gates; returns
-    (analysis, stats before, stats after, relative error of the output)."""
+    """Prune ``ratio`` of every prunable group of ``model`` (in place, in float64; whole runs
+    where a group goes in runs) at random and compare with a float64 reference in which those
+    channels are zeroed at their gates; returns (analysis, stats before, stats after, relative
+    error of the output)."""
     model, x = model.double().eval(), x.double()
     randomize_norms(model)
     analysis = analyze(model, x)
     gen = torch.Generator().manual_seed(seed)
-    keep = {i: torch.randperm(g.size, generator=gen)[: max(1, round(g.size * (1 - ratio)))].sort().values
+    keep = {i: random_runs(g.size // g.unit, g.unit, 1 - ratio, gen)
             for i, g in enumerate(analysis.groups) if g.prunable}
     reference = zeroed_reference(model, analysis, keep)
     before = model_stats(model, x)
@@ -156,13 +164,15 @@ class Grouped(torch.nn.Module):
 
 class Tokens(torch.nn.Module):
     """Linear layers on channels-last tokens, a layer scale, per-channel group and instance
-    norms, a group norm that mixes channels, and chunks that map back to concatenated groups."""
+    norms, a group norm of 4 channels per group (pruned in whole groups), and a split that maps
+    back to concatenated groups, its sizes an attribute."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.inorm = torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True)
         self.a, self.b = torch.nn.Conv2d(8, 6, 1), torch.nn.Conv2d(8, 4, 1)
+        self.sizes = [6, 4]  # a's and b's channels, set by the surgery
         self.gn_per_channel = torch.nn.GroupNorm(10, 10)
         self.fc1, self.fc2 = torch.nn.Linear(10, 16), torch.nn.Linear(16, 10)
         self.proj = torch.nn.Conv2d(10, 10, 1)
@@ -174,7 +184,7 @@ class Tokens(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.inorm(self.stem(x)))
         x = self.gn_per_channel(torch.cat([self.a(x), self.b(x)], 1))
-        a, b = x.split([self.a.out_channels, self.b.out_channels], 1)  # the two groups again
+        a, b = x.split(self.sizes, 1)  # the two groups again
         x = torch.cat([torch.relu(a), b], 1)
         tokens = self.proj(x).permute(0, 2, 3, 1)  # (N, H, W, C)
         tokens = tokens + self.fc2(torch.nn.functional.gelu(self.fc1(tokens))) * self.scale

@@ -144,11 +144,12 @@ def test_linear_norms_and_splits_function_preserved():
     analysis, before, after, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
     assert error <= 1e-6
     prunable = {gate.module for g in analysis.prunable for gate in g.gates}
-    assert {"inorm", "fc1", "fc2"} <= prunable  # the MLP channels, on tokens
-    assert not any(gate.module == "gn_mixing" for g in analysis.prunable for gate in g.gates)
-    assert "group norm of 4 channels per group" in analysis.report()
+    assert {"inorm", "fc1", "fc2", "gn_mixing"} <= prunable  # the MLP channels, on tokens
     assert model.fc1.out_features == 8 and model.fc2.in_features == 8
     assert model.inorm.num_features == 4 and model.scale.shape == (5,)
+    assert model.sizes == [model.a.out_channels, model.b.out_channels] == [3, 2]
+    # gn_mixing's 3 groups of 4 channels go whole: 2 groups are left (round(3 * 0.5))
+    assert (model.gn_mixing.num_groups, model.gn_mixing.num_channels, model.mixing.out_channels) == (2, 8, 8)
 
 
 def test_ignored_modules_keep_their_output_channels():

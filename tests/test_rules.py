@@ -240,3 +240,49 @@ def test_prelu_weights_follow_their_channels():
     assert error <= 1e-9 and len(analysis.prunable) == 2
     assert model.act_a.weight.shape == (4,) and model.act_a.num_parameters == 4
     assert model.act_b.weight.shape == (1,)
+
+
+class GroupNorms(torch.nn.Module):
+    """Group norms of 4 and 2 channels per group over one conv, tied by a residual add, and one
+    over a concatenation whose channel groups cut its norm groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gn_a = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.GroupNorm(4, 16)
+        self.b, self.gn_b = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.GroupNorm(8, 16)
+        self.c, self.d = torch.nn.Conv2d(16, 6, 1), torch.nn.Conv2d(16, 6, 1)
+        self.gn_cut = torch.nn.GroupNorm(3, 12)  # groups of 4: c's 6 channels end inside one
+        self.head = torch.nn.Conv2d(12, 2, 1)
+        for gn in (self.gn_a, self.gn_b, self.gn_cut):
+            torch.nn.init.uniform_(gn.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(gn.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        x = torch.relu(self.gn_a(self.a(x)))
+        x = torch.relu(x + self.gn_b(self.b(x)))
+        return self.head(self.gn_cut(torch.cat([self.c(x), self.d(x)], 1)))
+
+
+def test_group_norms_prune_whole_groups():
+    model = GroupNorms()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    (residual,) = [g for g in analysis.prunable if g.size == 16]
+    assert residual.unit == 4  # runs of 4 fit both norms' groups
+    assert (model.gn_a.num_groups, model.gn_a.num_channels, model.gn_b.num_groups) == (2, 8, 4)
+    assert "group norm of 4 channels per group, whose groups cut channel groups" in analysis.report()
+    assert model.c.out_channels == model.d.out_channels == 6
+
+
+def test_runs_are_selected_whole_with_round_to():
+    analysis = analyze(GroupNorms().eval(), torch.randn(1, 3, 8, 8))
+    i = next(i for i, g in enumerate(analysis.groups) if g.prunable and g.size == 16)
+    scores = torch.arange(16.0).flip(0)  # run means 13.5, 9.5, 5.5, 1.5
+    scores[12] = 20.0  # the best channel, but its run's mean is 5.75: runs 0 and 1 stay
+    keep = select_channels(analysis, {i: scores}, amount=0.4, target="channels")
+    assert keep[i].tolist() == list(range(8))
+    keep = select_channels(analysis, {i: scores}, amount=0.2, target="channels", round_to=8)
+    assert keep[i].tolist() == list(range(8))  # 12 kept is no multiple of lcm(4, 8): 2 runs go
+    model = GroupNorms().eval()
+    with pytest.raises(ValueError, match="runs of 4 channels"):
+        prune_(model, analysis, {i: torch.arange(6)})

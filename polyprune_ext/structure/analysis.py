@@ -295,6 +295,17 @@ class Tracer(TorchDispatchMode):
         sizes = self.groups.sizes(self.space[id(t)].groups)
         return [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
+    def units(self, t: torch.Tensor, width: int, why: str) -> bool:
+        """t's channels go only in aligned runs of ``width`` (whole groups of a group norm, whose
+        removal leaves the other groups' statistics as they were): every group of its space
+        starts and ends on a run boundary, and removes whole runs. False, changing nothing,
+        where a group starts or ends inside a run."""
+        if any(o % width for o in self.boundaries(t)):
+            return False
+        for g in self.space[id(t)].groups:
+            self.groups.set_unit(g, width, why + self.where())
+        return True
+
     def align(self, tensors: Sequence[torch.Tensor], why: str) -> bool:
         """Tie the channels of ``tensors`` position by position (a sum, a product, a stack):
         groups are cut where another tensor has a boundary, then tied pairwise. False where

@@ -52,7 +52,10 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
     across groups); "layer" removes the same fraction from each group. No group keeps fewer
     than ``min_channels`` channels or loses more than ``max_ratio`` of them, and each keeps a
     multiple of ``round_to`` channels (8 suits tensor cores) unless that exceeds its size. Where the
-    limits stop short of the target, the most they allow is returned, with a warning.
+    limits stop short of the target, the most they allow is returned, with a warning. A group
+    whose channels go in runs (``ChannelGroup.unit``: whole group norm groups) keeps whole runs,
+    a multiple of both the run and ``round_to``; a run is ranked by its channels' mean score,
+    what it is worth per channel removed.
 
     ``original_sizes`` (the unpruned model's group sizes, in group order) makes ``max_ratio`` bound
     what all pruning steps together remove: without it, each of several steps could remove 90% of
@@ -81,23 +84,25 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
             raise ValueError(f"scores[{i}] has {s.numel()} values for a group of {group.size} channels")
         original = group.size if original_sizes is None else original_sizes[i]
         floor = min(group.size, max(min_channels, math.ceil(original * (1 - max_ratio))))
-        groups[i] = (s.argsort(descending=True), floor)  # best first
-        ranking += [(float(v), i) for v in s]
+        runs = s.view(-1, group.unit).mean(1)
+        best = runs.argsort(descending=True)  # best first, run by run
+        groups[i] = ((best[:, None] * group.unit + torch.arange(group.unit)).flatten(), floor)
+        ranking += [(float(v), i) for v in runs]
     ranking.sort()
     full = cost(analysis)[target]
 
     def kept_counts(step: int, steps: int) -> dict:
-        if scope == "global":  # the `step` lowest-scored channels of the ranking go
+        if scope == "global":  # the `step` lowest-scored runs of the ranking go
             removed = dict.fromkeys(groups, 0)
             for _, i in ranking[:step]:
-                removed[i] += 1
+                removed[i] += analysis.groups[i].unit
         else:
             removed = {i: analysis.groups[i].size * step // steps for i in groups}
         counts = {}
         for i, (_, floor) in groups.items():
-            size = analysis.groups[i].size
+            size, multiple = analysis.groups[i].size, math.lcm(analysis.groups[i].unit, round_to)
             k = max(floor, size - removed[i])
-            counts[i] = min(size, math.ceil(k / round_to) * round_to)
+            counts[i] = min(size, math.ceil(k / multiple) * multiple)
         return counts
 
     def reached(step: int, steps: int) -> bool:

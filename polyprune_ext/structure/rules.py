@@ -237,12 +237,15 @@ def instance_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
 
 @rule(aten.native_group_norm)
 def group_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
+    """Removing every channel of a norm group leaves the other groups' statistics as they
+    were: the channels go in whole norm groups (``num_groups`` shrinks, the group size stays).
+    Removing part of one would change the rest of it."""
     x, groups = call.x, call["group"]
-    space = t.channels(x)
-    if space is None or groups != x.shape[1]:
-        return t.unknown([x], f"group norm of {x.shape[1] // groups} channels per group: "
-                              "removing one would change the others")
-    if not counted(t, groups, space, x.shape[1] // groups):
+    space, width = t.channels(x), x.shape[1] // groups
+    if space is None or space.dim != 1 or width > 1 and not t.units(x, width, "group norm"):
+        return t.unknown([x], f"group norm of {width} channels per group, whose groups cut "
+                              "channel groups: removing one would change the others")
+    if not counted(t, groups, space, width):
         return t.unknown([x], f"group norm whose group count {groups} is not an attribute of "
                               "the module calling it")
     per_channel_norm(t, x, [call["weight"], call["bias"]], call.first, str(call.func))

@@ -114,10 +114,18 @@ class Groups:
             self.freeze([a, b], f"{why}: ties groups of {ga.size} and {gb.size} channels")
             return
         self.parent[b] = a
-        ga.unit = math.lcm(ga.unit, gb.unit)  # divides the size, as both do
         ga.slots += gb.slots
         ga.proposed += gb.proposed
         ga.frozen += [w for w in gb.frozen if w not in ga.frozen]
+        self.set_unit(a, gb.unit, why)
+
+    def set_unit(self, g: int, unit: int, why: str) -> None:
+        """Group g's channels go only in aligned runs of ``unit`` as well (the least common
+        multiple of its units, which divides its size); a group that is one run is frozen."""
+        group = self.get(g)
+        group.unit = math.lcm(group.unit, unit)
+        if group.unit == group.size > 1:
+            self.freeze([g], f"{why}: its {group.size} channels go only together")
 
     def freeze(self, groups: list[int], why: str) -> None:
         for g in groups:

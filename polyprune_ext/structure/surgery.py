@@ -31,6 +31,9 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
         channels = torch.as_tensor(keep[i], dtype=torch.int64) if i in keep else torch.arange(group.size)
         if i in keep and channels.numel() == 0:
             raise ValueError(f"group {i}: keep at least one channel")
+        if i in keep and not whole_runs(channels, group.unit):
+            raise ValueError(f"group {i} goes in runs of {group.unit} channels (whole group "
+                             "norm groups): keep whole runs")
         for slot in group.slots:
             kept[(slot.name, slot.dim)].append(slot.offset + channels)
             covered[(slot.name, slot.dim)].append(slot.offset + torch.arange(group.size))
@@ -52,6 +55,14 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
     set_attributes(model, analysis, keep)
     return {"group_sizes": [g.size for g in analysis.groups],
             "keep": {str(i): torch.as_tensor(k).tolist() for i, k in sorted(keep.items())}}
+
+
+def whole_runs(channels: torch.Tensor, unit: int) -> bool:
+    """Whether sorted channel indices are whole aligned runs of ``unit``."""
+    if channels.numel() % unit:
+        return False
+    runs = channels.view(-1, unit)
+    return bool((runs[:, 0] % unit == 0).all()) and torch.equal(runs - runs[:, :1], torch.arange(unit).expand_as(runs))
 
 
 def update_module_attributes(model: torch.nn.Module) -> None:
