@@ -348,9 +348,12 @@ def softmax(t: "Tracer", call: OpCall) -> Optional[bool]:
 
 
 @rule(aten.max_pool2d_with_indices, aten.max_pool3d_with_indices, aten.avg_pool2d,
-      aten.avg_pool3d, aten._adaptive_avg_pool2d, aten.adaptive_max_pool2d, aten.upsample_nearest2d,
-      aten.upsample_bilinear2d, aten.upsample_bicubic2d, aten.reflection_pad2d,
-      aten.replication_pad2d, aten.constant_pad_nd)
+      aten.avg_pool3d, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d,
+      aten.adaptive_max_pool2d, aten.adaptive_max_pool3d, aten.upsample_nearest2d,
+      aten.upsample_nearest3d, aten._upsample_nearest_exact2d, aten._upsample_nearest_exact3d,
+      aten.upsample_bilinear2d, aten.upsample_trilinear3d, aten.upsample_bicubic2d,
+      aten.reflection_pad2d, aten.reflection_pad3d, aten.replication_pad2d,
+      aten.replication_pad3d, aten.constant_pad_nd)
 def spatial(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Ops over the dims after the channels (dim 1) that keep zeros zero (a padding with
     another value sets new values)."""
