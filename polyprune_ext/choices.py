@@ -23,6 +23,10 @@ Scope = Literal["global", "layer"]
 Backend = Literal["fused", "torch"]
 # A batch with NaN or Inf in its scores: an error, or skipped and counted.
 NonFinite = Literal["raise", "skip"]
+# Norms whose statistics mix channels (layer norm over channels, group norm inside a group,
+# GRN): their channels frozen, or pruned, the statistics then running over the channels kept
+# (not function-preserving).
+MixingNorms = Literal["freeze", "prune"]
 
 
 def names(choice: Any) -> tuple[str, ...]:

@@ -8,9 +8,12 @@ models that exercise the analysis rules.
 """
 
 import copy
+import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from .structure import Analysis, ModelStats, analyze, model_stats, prune_, zero_channels
 
@@ -55,6 +58,73 @@ def zeroed_reference(model: torch.nn.Module, analysis: Analysis, keep: dict) -> 
             for i, k in keep.items()}
     zero_channels(reference, analysis, drop)
     return reference
+
+
+class MaskedStatistics(TorchFunctionMode):
+    """Norm statistics over the channels ``kept`` (a bool mask) alone, whatever module computes
+    them: layer norms over the last dim, group norms over dim 1, a mean over a dim of the mask's
+    size (GRN's). What a model pruned through its channel-mixing norms computes on the channels
+    it keeps."""
+
+    def __init__(self, kept: torch.Tensor):
+        super().__init__()
+        self.kept = kept
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in (F.layer_norm, F.group_norm):
+            call = inspect.signature(func).bind(*args, **kwargs)
+            call.apply_defaults()
+            x, weight, bias, eps = (call.arguments[n] for n in ("input", "weight", "bias", "eps"))
+            groups = call.arguments.get("num_groups", 1)
+            channels = -1 if func is F.layer_norm else 1  # as the mask runs
+            xs = x.movedim(channels, 1).reshape(x.shape[0], groups, self.kept.numel() // groups, -1)
+            mask = self.kept.view(1, groups, -1, 1).to(x.dtype)
+            count = mask.sum(2, keepdim=True) * xs.shape[3] if func is F.group_norm else mask.sum(2, keepdim=True)
+            dims = (2, 3) if func is F.group_norm else (2,)
+            mean = (xs * mask).sum(dims, keepdim=True) / count
+            var = ((xs - mean).square() * mask).sum(dims, keepdim=True) / count
+            y = ((xs - mean) / torch.sqrt(var + eps)).reshape(x.movedim(channels, 1).shape).movedim(1, channels)
+            shape = [-1] if func is F.layer_norm else [-1] + [1] * (x.dim() - 2)
+            y = y * weight.view(shape) if weight is not None else y
+            return y + bias.view(shape) if bias is not None else y
+        if func in (torch.mean, torch.Tensor.mean):
+            x, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if isinstance(dim, (list, tuple)) and len(dim) == 1:
+                dim = dim[0]
+            if isinstance(dim, int) and x.shape[dim] == self.kept.numel():
+                keepdim = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+                return x.index_select(dim, self.kept.nonzero().flatten().to(x.device)).mean(dim, keepdim)
+        return func(*args, **kwargs)
+
+
+def masked_norm_reference(model: torch.nn.Module, analysis: Analysis, keep: dict) -> torch.nn.Module:
+    """The reference a prune through channel-mixing norms (analyze(..., mixing_norms="prune"))
+    must equal: a copy of ``model`` whose removed channels are zeroed at their gates and left
+    out of the statistics of every norm their groups name (``ChannelGroup.mixing``; norms with
+    a ``weight``, whose slots say where the channels are), by MaskedStatistics."""
+    reference = zeroed_reference(model, analysis, keep)
+    kept: dict[str, torch.Tensor] = {}
+    for i in keep:
+        group = analysis.groups[i]
+        drop = sorted(set(range(group.size)) - set(torch.as_tensor(keep[i]).tolist()))
+        for norm in group.mixing:
+            channels = analysis.shapes[f"{norm}.weight"][0]
+            mask = kept.setdefault(norm, torch.ones(channels, dtype=torch.bool))
+            for slot in group.slots:
+                if slot.name == f"{norm}.weight":
+                    mask[[slot.offset + c for c in drop]] = False
+    for norm, mask in kept.items():
+        module = reference.get_submodule(norm)
+        module.forward = _masked_forward(module.forward, mask)  # type: ignore[method-assign]
+    return reference
+
+
+def _masked_forward(forward: Any, kept: torch.Tensor) -> Any:
+    def masked(*args: Any, **kwargs: Any) -> Any:
+        with MaskedStatistics(kept):
+            return forward(*args, **kwargs)
+    return masked
 
 
 def random_runs(runs: int, unit: int, share: float, gen: torch.Generator) -> torch.Tensor:

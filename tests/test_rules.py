@@ -5,9 +5,9 @@ scores depend on it, by TaylorFO against masks placed by hand."""
 import pytest
 import torch
 
-from polyprune_ext import analyze, cost, model_stats, score, select_channels
+from polyprune_ext import PruningPlan, analyze, cost, model_stats, score, select_channels
 from polyprune_ext.structure import prune_
-from polyprune_ext.testing import prune_and_compare
+from polyprune_ext.testing import masked_norm_reference, prune_and_compare
 
 bn = torch.nn.BatchNorm2d
 
@@ -286,3 +286,78 @@ def test_runs_are_selected_whole_with_round_to():
     model = GroupNorms().eval()
     with pytest.raises(ValueError, match="runs of 4 channels"):
         prune_(model, analysis, {i: torch.arange(6)})
+
+
+class GRN(torch.nn.Module):
+    """timm's GlobalResponseNorm (ConvNeXt-V2) on channels-last tokens."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(dim) + 0.5)
+        self.bias = torch.nn.Parameter(torch.rand(dim) - 0.5)
+
+    def forward(self, x):
+        x_g = x.norm(p=2, dim=(1, 2), keepdim=True)
+        x_n = x_g / (x_g.mean(dim=-1, keepdim=True) + 1e-6)
+        return x + torch.addcmul(self.bias.view(1, 1, 1, -1), self.weight.view(1, 1, 1, -1), x * x_n)
+
+
+class MixingNorms(torch.nn.Module):
+    """A ConvNeXt-V2 block (layer norm over channels on channels-last tokens, GRN) on a residual
+    stream, a group norm whose groups cut channel groups and a group norm of one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.ln, self.fc1 = torch.nn.LayerNorm(16), torch.nn.Linear(16, 24)
+        self.grn, self.fc2 = GRN(24), torch.nn.Linear(24, 16)
+        self.c, self.d = torch.nn.Conv2d(16, 6, 1), torch.nn.Conv2d(16, 6, 1)
+        self.e = torch.nn.Conv2d(16, 12, 1)
+        self.gn_cut, self.gn_one = torch.nn.GroupNorm(3, 12), torch.nn.GroupNorm(1, 12)
+        self.head = torch.nn.Conv2d(24, 2, 1)
+        for norm in (self.ln, self.gn_cut, self.gn_one):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(norm.bias, -0.5, 0.5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        t = self.fc2(self.grn(torch.nn.functional.gelu(self.fc1(self.ln(x.permute(0, 2, 3, 1))))))
+        x = x + t.permute(0, 3, 1, 2)
+        y = torch.relu(self.gn_cut(torch.cat([self.c(x), self.d(x)], 1)))
+        return self.head(torch.cat([y, self.gn_one(self.e(x))], 1))
+
+
+def test_mixing_norms_freeze_by_default():
+    analysis = analyze(MixingNorms(), torch.randn(1, 3, 8, 8))
+    assert not analysis.prunable
+    report = analysis.report()
+    for reason in ("layer norm normalizes across channels: removing one would change the others in ln",
+                   "a mean over channels: removing one would change the others in grn",
+                   "group norm of 4 channels per group, whose groups cut channel groups: removing one",
+                   "group norm of 12 channels per group: removing one would change the others in gn_one"):
+        assert reason in report
+
+
+def test_pruning_through_mixing_norms_equals_masked_norms():
+    """The pruned model equals one whose removed channels are zeroed at their gates and left out
+    of every mixing norm's statistics (testing.masked_norm_reference)."""
+    torch.manual_seed(0)
+    model = MixingNorms().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    analysis = analyze(model, x, mixing_norms="prune")
+    assert {m for g in analysis.prunable for m in g.mixing} == {"ln", "grn", "gn_cut", "gn_one"}
+    assert analysis.report().count("pruned through channel-mixing norms") == len(analysis.prunable) == 5
+    gen = torch.Generator().manual_seed(0)
+    keep = {i: torch.randperm(g.size, generator=gen)[: g.size // 2].sort().values
+            for i, g in enumerate(analysis.groups) if g.prunable}
+    reference = masked_norm_reference(model, analysis, keep)
+    plan = PruningPlan(list(x.shape))
+    plan.prune_(model, analysis, keep)
+    with torch.no_grad():
+        expected, got = reference(x), model(x)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-6
+    assert model.ln.normalized_shape == (8,) and model.gn_cut.num_groups == 3
+    assert model.gn_cut.num_channels == model.gn_one.num_channels == model.c.out_channels * 2
+    replayed = plan.replay_(MixingNorms()).double()  # the plan prunes through the norms again
+    replayed.load_state_dict(model.state_dict())
+    torch.testing.assert_close(replayed(x), got)

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from .. import choices
-from ..choices import Criterion, Grad, Reduce, Scope
+from ..choices import Criterion, Grad, MixingNorms, Reduce, Scope
 from ..engine import PruneConfig, TrainConfig, Trainer
 from ..engine.task import Task
 from ..structure.plan import PruningPlan, load, read_plan
@@ -80,6 +80,10 @@ def add_structured(p: argparse.ArgumentParser, *, amount: float = 0.5, step: flo
                    help="divide each layer's scores by their L2 norm before the global ranking")
     p.add_argument("--flops-weighted", action="store_true",
                    help="rank channels by score per FLOP they cost")
+    p.add_argument("--mixing-norms", choices=choices.names(MixingNorms), default="freeze",
+                   help="channels of norms that mix them (layer norm over channels, as in "
+                        "ConvNeXt): kept, or pruned too, the norms' statistics then running over "
+                        "the channels left (default %(default)s)")
     add_finetuning(p, epochs=finetune_epochs)
 
 
@@ -98,7 +102,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
                        normalize_layers=args.normalize_layers, flops_weighted=args.flops_weighted,
                        score_batches=args.score_batches, finetune_epochs=args.finetune_epochs,
                        finetune_lr=args.finetune_lr, scope=args.scope, round_to=args.round_to,
-                       seed=args.seed)
+                       mixing_norms=args.mixing_norms, seed=args.seed)
 
 
 def resolve_task(args: argparse.Namespace, plan: Optional[PruningPlan] = None) -> Task:

@@ -13,8 +13,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import choices
-from ..choices import Criterion, Grad, Reduce, Scope
+from ..choices import Criterion, Grad, MixingNorms, Reduce, Scope
 from ..scoring import Scores, baseline_scores, score
+from ..structure.analysis import analyze
 from ..structure.policy import cost, select_channels
 from ..structure.stats import ModelStats, model_stats
 from .trainer import FineTuner
@@ -42,6 +43,8 @@ class PruneConfig:
     finetune_lr: Optional[float] = None
     scope: Scope = "global"
     round_to: int = 1
+    # "prune": channels of norms that mix them (ConvNeXt's layer norms) go too (structure.analyze)
+    mixing_norms: MixingNorms = "freeze"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +58,7 @@ class PruneConfig:
         choices.check("grad", self.grad, Grad)
         choices.check("reduce", self.reduce, Reduce)
         choices.check("scope", self.scope, Scope)
+        choices.check("mixing_norms", self.mixing_norms, MixingNorms)
 
 
 def iterative_prune(tuner: FineTuner, config: PruneConfig, *,
@@ -107,13 +111,14 @@ def _target_of(row: Row, target: str) -> float:
 
 def step_scores(tuner: FineTuner, config: PruneConfig, step: int) -> Scores:
     """This step's scores by ``config.criterion``, on ``config.score_batches`` training batches."""
-    example = tuner.plan.example_input(tuner.device)
+    analysis = analyze(tuner.model, tuner.plan.example_input(tuner.device),
+                       mixing_norms=config.mixing_norms)
     weighting = dict(normalize_layers=config.normalize_layers, flops_weighted=config.flops_weighted)
     if config.criterion != "taylor":
-        return baseline_scores(tuner.model, config.criterion, example_input=example,
+        return baseline_scores(tuner.model, config.criterion, analysis=analysis,
                                seed=config.seed + step, **weighting)
     return score(tuner.model, tuner.train_loader, loss_fn=tuner.task.loss_fn, grad=config.grad,
-                 reduce=config.reduce, num_batches=config.score_batches, example_input=example,
+                 reduce=config.reduce, num_batches=config.score_batches, analysis=analysis,
                  seed=config.seed + step, progress=tuner.progress, **weighting)
 
 

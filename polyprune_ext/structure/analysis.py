@@ -35,6 +35,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .. import choices
+from ..choices import MixingNorms
 from .rules import RULES, OpCall, Rule, bind
 from .spaces import Attribute, ChannelGroup, Gate, Groups, Proposal, Slot, Space
 from .stats import forward_once
@@ -52,10 +54,11 @@ class Tracer(TorchDispatchMode):
     the tensors of a layer, ``unknown`` to freeze what cannot be followed."""
 
     def __init__(self, tensors: Mapping[str, torch.Tensor], rules: Mapping[Any, Rule],
-                 modules: Mapping[str, torch.nn.Module]):
+                 modules: Mapping[str, torch.nn.Module], mixing_norms: MixingNorms = "freeze"):
         super().__init__()
         self.tensors = tensors  # parameter or buffer name -> tensor
         self.modules = modules  # name -> module, "" the model
+        self.mixing_norms = mixing_norms
         self.rules = rules
         self.names = {t.untyped_storage().data_ptr(): n for n, t in tensors.items() if t.numel()}
         self.groups = Groups()
@@ -182,6 +185,19 @@ class Tracer(TorchDispatchMode):
         """The module whose forward is running the op (the model outside every submodule)."""
         return self.modules[self.stack[-1] if self.stack else ""]
 
+    def mixing(self, t: torch.Tensor, what: str) -> bool:
+        """A norm's statistics run over t's channels, so removing one changes the others. With
+        mixing_norms="prune" they stay prunable, the module named in their groups (the pruned
+        model's statistics then run over the channels kept); else they freeze."""
+        if self.mixing_norms != "prune":
+            self.unknown([t], f"{what}: removing one would change the others")
+            return False
+        module = self.stack[-1] if self.stack else "(the model)"
+        for g in self.space[id(t)].groups:
+            if module not in self.groups.get(g).mixing:
+                self.groups.get(g).mixing.append(module)
+        return True
+
     def bookkeeping(self, value: Union[int, Sequence[int]], pieces: list[list[int]], per: int = 1,
                     name: Optional[str] = None) -> bool:
         """Whether the running module holds ``value``, the channel counts of ``pieces`` (lists of
@@ -249,7 +265,8 @@ class Tracer(TorchDispatchMode):
         slots, proposed = group.slots, group.proposed
         for j, (piece, offset, size) in enumerate(zip(pieces, offsets, sizes)):
             new = self.groups.groups[piece]
-            new.size, new.unit, new.frozen = size, group.unit, list(group.frozen)
+            new.size, new.unit = size, group.unit
+            new.frozen, new.mixing = list(group.frozen), list(group.mixing)
             new.slots = [dataclasses.replace(s, offset=s.offset + offset) for s in slots]
             new.proposed = [(dataclasses.replace(gate, offset=gate.offset + offset), copy(j, p))
                             for gate, p in proposed]
@@ -415,6 +432,7 @@ class Analysis:
     flops_per_weight: dict[str, int]  # conv/linear weight name -> FLOPs per weight element
     attributes: list[Attribute] = dataclasses.field(default_factory=list)
     buffers: frozenset[str] = frozenset()  # the names in shapes that are buffers
+    mixing_norms: MixingNorms = "freeze"  # as analyze was asked: a plan replays it so
 
     @property
     def prunable(self) -> list[ChannelGroup]:
@@ -426,12 +444,17 @@ class Analysis:
             raise ValueError(f"group {i} cannot be pruned: {'; '.join(self.groups[i].frozen)}")
 
     def report(self) -> str:
-        """The frozen groups and why, one line each."""
+        """The frozen groups and why, and the groups pruned through channel-mixing norms, one
+        line each."""
         lines = []
         for g in self.groups:
+            where = ", ".join(sorted({gate.module for gate in g.gates})) or "(no module output)"
             if g.frozen:
-                where = ", ".join(sorted({gate.module for gate in g.gates})) or "(no module output)"
                 lines.append(f"{g.size} channels at {where}: {'; '.join(g.frozen)}")
+            elif g.mixing:
+                lines.append(f"{g.size} channels at {where}: pruned through channel-mixing norms "
+                             f"({', '.join(g.mixing)}), whose statistics then run over the "
+                             "channels kept")
         return "\n".join(lines)
 
 
@@ -443,7 +466,8 @@ def default_ignore(model: torch.nn.Module) -> tuple[str, ...]:
 
 
 def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterable[str]] = None,
-            *, rules: Optional[Mapping[Any, Callable]] = None) -> Analysis:
+            *, rules: Optional[Mapping[Any, Callable]] = None,
+            mixing_norms: MixingNorms = "freeze") -> Analysis:
     """Channel groups of ``model`` from one forward pass on ``example_input`` (a tensor or a tuple
     of positional arguments), run by forward_once. Every activation of that pass is held until
     it ends (their ids name the channel spaces), so a batch of one is enough and cheapest.
@@ -451,7 +475,12 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
     ``ignore``: names of modules whose output channels are kept (their input channels may still
     go when the layers before them are pruned). None means smp's heads (default_ignore).
     ``rules``: rules for this call, over the registered ones ({op, torch function or module
-    class: rule}; see polyprune_ext.structure.rules)."""
+    class: rule}; see polyprune_ext.structure.rules).
+    ``mixing_norms``: "freeze" (the default) keeps the channels of norms whose statistics mix
+    channels (layer norm over channels, group norm inside a group, GRN's mean over channels);
+    "prune" lets them go, the pruned model's statistics then running over the channels kept:
+    not function-preserving, so fine-tune after. The report names those norms."""
+    choices.check("mixing_norms", mixing_norms, MixingNorms)
     ignore = default_ignore(model) if ignore is None else tuple(ignore)
     names = {id(m): n for n, m in model.named_modules() if n}
     missing = [n for n in ignore if n not in dict(model.named_modules())]
@@ -460,7 +489,7 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
     named: dict[str, torch.Tensor] = dict(model.named_parameters())
     named.update(model.named_buffers())
     tracer = Tracer(named, {**RULES, **{op: Rule.of(fn) for op, fn in (rules or {}).items()}},
-                    dict(model.named_modules()))
+                    dict(model.named_modules()), mixing_norms)
     for x in tree_leaves(example_input):
         if isinstance(x, torch.Tensor) and x.dim() >= 2:
             tracer.frozen_space(x, "model input")
@@ -515,7 +544,7 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
         group.proposed = []
     return Analysis(tracer.groups.roots(), {n: tuple(t.shape) for n, t in named.items()},
                     tracer.flops_per_weight, attributes(tracer),
-                    frozenset(n for n, _ in model.named_buffers()))
+                    frozenset(n for n, _ in model.named_buffers()), mixing_norms)
 
 
 def attributes(tracer: Tracer) -> list[Attribute]:

@@ -239,36 +239,56 @@ def instance_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
 def group_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Removing every channel of a norm group leaves the other groups' statistics as they
     were: the channels go in whole norm groups (``num_groups`` shrinks, the group size stays).
-    Removing part of one would change the rest of it."""
+    Where norm groups cut channel groups (or there is one), removing part of one changes the
+    rest: frozen, or with mixing_norms="prune" pruned inside the norm groups, the same local
+    channels from each so that they stay equal."""
     x, groups = call.x, call["group"]
     space, width = t.channels(x), x.shape[1] // groups
-    if space is None or space.dim != 1 or width > 1 and not t.units(x, width, "group norm"):
-        return t.unknown([x], f"group norm of {width} channels per group, whose groups cut "
-                              "channel groups: removing one would change the others")
-    if not counted(t, groups, space, width):
+    if space is None or space.dim != 1:
+        return t.unknown([x], "group norm of channels outside dim 1")
+    whole = width == 1 or groups > 1 and t.units(x, width, "group norm")
+    if not whole:
+        what = f"group norm of {width} channels per group" + (", whose groups cut channel groups"
+                                                              if groups > 1 else "")
+        if not t.mixing(x, what):
+            return
+        if t.blocks(x, groups, "group norm") is None:
+            return t.unknown([x], what + " that group norm units forbid splitting")
+        space = t.channels(x)
+    pieces = [list(space.groups)]
+    if isinstance(t.module(), torch.nn.GroupNorm):  # its counts are set
+        counted = t.bookkeeping(x.shape[1], pieces, name="num_channels") and \
+            (not whole or t.bookkeeping(groups, pieces, width, name="num_groups"))
+    else:  # a functional call's group count must be an attribute of the module calling it
+        counted = not whole or t.bookkeeping(groups, pieces, width)
+    if not counted:
         return t.unknown([x], f"group norm whose group count {groups} is not an attribute of "
                               "the module calling it")
     per_channel_norm(t, x, [call["weight"], call["bias"]], call.first, str(call.func))
 
 
-def counted(t: "Tracer", groups: int, space: Space, per: int) -> bool:
-    """Whether a group norm's counts will follow a prune: torch.nn.GroupNorm's are set; a
-    functional call's group count must be an attribute of the module calling it."""
-    pieces = [list(space.groups)]
-    if isinstance(t.module(), torch.nn.GroupNorm):
-        return t.bookkeeping(groups, pieces, per, name="num_groups") and \
-            t.bookkeeping(sum(t.groups.sizes(space.groups)), pieces, name="num_channels")
-    return t.bookkeeping(groups, pieces, per)
-
-
 @rule(aten.native_layer_norm)
 def layer_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
-    x, space = call.x, t.channels(call.x)
-    normalized = range(x.dim() - len(call["normalized_shape"]), x.dim())
-    if space is None or space.dim in normalized:
-        return t.unknown([x], "layer norm normalizes across channels: removing one would "
-                              "change the others")
-    t.read(x)  # its weights are per position, not per channel
+    """Normalizing other dims than the channels (per position), the weights are not the
+    channels'. Normalizing the channels (ConvNeXt's, a transformer's) mixes them: frozen, or
+    with mixing_norms="prune" pruned with the weights, torch.nn.LayerNorm's shape following."""
+    x, space, shape = call.x, t.channels(call.x), list(call["normalized_shape"])
+    first = x.dim() - len(shape)
+    if space is None:
+        return
+    if space.dim < first:
+        t.read(x)  # its weights are per position, not per channel
+        return t.propose(call.first, space)
+    names = [t.name_of(v) for v in (call["weight"], call["bias"]) if v is not None]
+    if not t.mixing(x, "layer norm normalizes across channels"):
+        return
+    if len(shape) != 1 or None in names or not t.bookkeeping(
+            shape, [list(space.groups)], name="normalized_shape" if isinstance(
+                t.module(), torch.nn.LayerNorm) else None):
+        return t.unknown([x], "layer norm over channels whose shape or weights the surgery cannot set")
+    t.read(x, per_channel=True)
+    for name in names:
+        t.add_slots(space, name, 0)
     t.propose(call.first, space)
 
 
@@ -319,7 +339,7 @@ def addcmul(t: "Tracer", call: OpCall) -> Optional[bool]:
         return False
     x, others = traced[0], (b if traced[0] is a else a, base)
     space, dims = t.channels(x), [per_channel_operand(t, v, x) for v in others]
-    if False in dims:
+    if any(dim is False for dim in dims):
         return t.unknown([x], f"{call.func} with a per-channel operand that is not traced")
     for other, dim in zip(others, dims):
         if dim is not None:
@@ -373,15 +393,22 @@ def source(t: "Tracer", call: OpCall) -> Optional[bool]:
     """Ops that create tensors from nothing, or read only shapes: nothing to follow."""
 
 
-@rule(aten.mean, aten.sum, aten.amax, aten.amin)
+@rule(aten.mean, aten.sum, aten.amax, aten.amin, aten.linalg_vector_norm)
 def reduction(t: "Tracer", call: OpCall) -> Optional[bool]:
-    """Reductions over other dims than the channels pass the space on."""
+    """Reductions over other dims than the channels pass the space on. A mean over the
+    channels is a norm's statistic (GRN's): see Tracer.mixing."""
     x, out, space = call.x, call.first, t.channels(call.x)
     dims = call.get("dim")
     dims = dims if isinstance(dims, (int, list, tuple)) else ()
     dims = {d % x.dim() for d in ([dims] if isinstance(dims, int) else dims or range(x.dim()))}
-    if space is None or space.dim in dims:
+    if space is None:
         return False
+    if space.dim in dims:
+        if call.func.overloadpacket is not aten.mean:
+            return False
+        if t.mixing(x, "a mean over channels"):
+            t.read(x)
+        return
     keepdim = out.dim() == x.dim()
     dim = space.dim if keepdim else space.dim - sum(d < space.dim for d in dims)
     t.follow(out, x, Space(dim, space.groups))

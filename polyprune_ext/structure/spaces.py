@@ -59,13 +59,15 @@ class Attribute:
 class ChannelGroup:
     """``size`` channels removed together: their ``slots`` in parameters and buffers, the
     ``gates`` where they can be observed, and, when they cannot be pruned, why (``frozen``).
-    ``unit`` > 1: channels go only in aligned runs of ``unit`` (whole groups of a group norm)."""
+    ``unit`` > 1: channels go only in aligned runs of ``unit`` (whole groups of a group norm).
+    ``mixing``: the channel-mixing norms they are pruned through (analyze's mixing_norms)."""
 
     size: int
     slots: list[Slot] = dataclasses.field(default_factory=list)
     gates: list[Gate] = dataclasses.field(default_factory=list)  # zeroed together = removed
     frozen: list[str] = dataclasses.field(default_factory=list)  # why they cannot be pruned
     unit: int = 1
+    mixing: list[str] = dataclasses.field(default_factory=list)
     # While tracing: (gate, proposal) pairs, kept as gates if the proposal was consumed.
     proposed: list[tuple[Gate, Proposal]] = dataclasses.field(default_factory=list, repr=False)
 
@@ -117,6 +119,7 @@ class Groups:
         ga.slots += gb.slots
         ga.proposed += gb.proposed
         ga.frozen += [w for w in gb.frozen if w not in ga.frozen]
+        ga.mixing += [m for m in gb.mixing if m not in ga.mixing]
         self.set_unit(a, gb.unit, why)
 
     def set_unit(self, g: int, unit: int, why: str) -> None:

@@ -22,7 +22,8 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
     ``analysis.groups[i]`` (sorted unique indices), and remove the rest from ``model`` in place.
 
     Returns the step as plain data, for a pruning plan (PruningPlan.prune_ calls this and
-    records it): the group sizes it was made for and the channels kept."""
+    records it): the group sizes it was made for, the channels kept, and the analysis's
+    mixing_norms when not the default."""
     kept = collections.defaultdict(list)  # (tensor name, dim) -> kept indices of each group in it
     covered = collections.defaultdict(list)  # (tensor name, dim) -> every group's indices in it
     for i, group in enumerate(analysis.groups):
@@ -53,8 +54,9 @@ def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
             ops.compact_(tensor, indices, dim)
     update_module_attributes(model)
     set_attributes(model, analysis, keep)
-    return {"group_sizes": [g.size for g in analysis.groups],
+    step = {"group_sizes": [g.size for g in analysis.groups],
             "keep": {str(i): torch.as_tensor(k).tolist() for i, k in sorted(keep.items())}}
+    return step if analysis.mixing_norms == "freeze" else {**step, "mixing_norms": analysis.mixing_norms}
 
 
 def whole_runs(channels: torch.Tensor, unit: int) -> bool:
