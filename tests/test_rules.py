@@ -112,9 +112,11 @@ def test_split_sizes_held_by_a_module_follow_a_prune():
 
 
 def test_split_sizes_the_surgery_cannot_update_freeze():
+    """Constant sizes: the trial prune on the meta device finds that removing the channels
+    breaks the forward pass."""
     analysis, _, _, error = prune_and_compare(Mixed(LiteralSplit), torch.randn(2, 3, 8, 8), 0.5)
     assert error <= 1e-9
-    assert "sizes [4, 6] that are not attributes" in analysis.report()
+    assert "breaks the forward pass (RuntimeError: split_with_sizes expects" in analysis.report()
     assert not any(s.name.startswith("stem.") for g in analysis.prunable for s in g.slots)
 
 
@@ -361,3 +363,102 @@ def test_pruning_through_mixing_norms_equals_masked_norms():
     replayed = plan.replay_(MixingNorms()).double()  # the plan prunes through the norms again
     replayed.load_state_dict(model.state_dict())
     torch.testing.assert_close(replayed(x), got)
+
+
+class Attention(torch.nn.Module):
+    """Multi-head self-attention on channels-last tokens, heads split and joined by views (timm's
+    Attention: ``self.head_dim`` in the reshape). ``from_input``: the head size computed from
+    the input's channels instead (MONAI's window attention), wrong once qkv is pruned."""
+
+    def __init__(self, dim=12, heads=3, from_input=False):
+        super().__init__()
+        self.heads, self.head_dim, self.from_input = heads, dim // heads, from_input
+        self.scale = self.head_dim ** -0.5
+        self.qkv, self.proj = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        head_dim = c // self.heads if self.from_input else self.head_dim
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class Tokens2d(torch.nn.Module):
+    """Attention over the tokens of a feature map whose channels a layer norm freezes."""
+
+    def __init__(self, from_input=False):
+        super().__init__()
+        self.stem, self.norm = torch.nn.Conv2d(3, 12, 2, stride=2), torch.nn.LayerNorm(12)
+        self.attn, self.mid, self.head = Attention(from_input=from_input), conv_bn(12, 8), torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        b, c, h, w = x.shape
+        t = self.attn(self.norm(x.flatten(2).transpose(1, 2)))
+        return self.head(self.mid(x + t.transpose(1, 2).reshape(b, c, h, w)))
+
+
+def test_attention_heads_split_and_joined_by_views():
+    """The same channels of every head go (q, k and v alike), ``head_dim`` follows."""
+    model = Tokens2d()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    assert model.attn.head_dim == 2 and model.attn.qkv.out_features == 3 * 3 * 2
+    assert model.attn.scale == 4 ** -0.5  # the function's, not the new head size's
+
+
+def test_a_count_the_analysis_cannot_see_freezes_by_a_trial_prune():
+    """A head size computed from another tensor's channels (frozen by the layer norm): pruning
+    the heads would break the forward pass, which the trial prune on the meta device finds."""
+    model = Tokens2d(from_input=True)
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    assert "removing its channels breaks the forward pass (RuntimeError: shape" in analysis.report()
+    assert model.attn.qkv.out_features == 36 and model.mid[0].out_channels == 4  # the rest goes
+
+
+class SelectiveKernelAttn(torch.nn.Module):
+    def __init__(self, channels, paths):
+        super().__init__()
+        self.num_paths = paths
+        self.reduce, self.select = torch.nn.Conv2d(channels, 4, 1), torch.nn.Conv2d(4, channels * paths, 1)
+
+    def forward(self, x):
+        attn = self.select(torch.relu(self.reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        b, c, h, w = attn.shape
+        return attn.view(b, self.num_paths, c // self.num_paths, h, w).softmax(1)
+
+
+class SelectiveKernel(torch.nn.Module):
+    """timm's SelectiveKernel: the input split over paths (``self.in_channels //
+    self.num_paths``), the paths stacked, attention over the paths by a view."""
+
+    def __init__(self, channels=8, paths=2):
+        super().__init__()
+        self.in_channels, self.num_paths = channels, paths
+        self.paths = torch.nn.ModuleList(conv_bn(channels // paths, channels, 3) for _ in range(paths))
+        self.attn = SelectiveKernelAttn(channels, paths)
+
+    def forward(self, x):
+        pieces = torch.split(x, self.in_channels // self.num_paths, 1)
+        x = torch.stack([path(p) for path, p in zip(self.paths, pieces)], 1)
+        return (x * self.attn(x)).sum(1)
+
+
+class SKNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.sk, self.head = conv_bn(3, 8, 3), SelectiveKernel(), torch.nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.sk(self.stem(x)))
+
+
+def test_selective_kernel_paths():
+    model = SKNet()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    assert analysis.report().count("\n") == 1
+    assert model.sk.in_channels == model.stem[0].out_channels == 4
+    assert model.sk.attn.select.out_channels == 2 * model.sk.paths[0][0].out_channels

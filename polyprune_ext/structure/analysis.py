@@ -40,6 +40,7 @@ from ..choices import MixingNorms
 from .rules import RULES, OpCall, Rule, bind
 from .spaces import Attribute, ChannelGroup, Gate, Groups, Proposal, Slot, Space
 from .stats import forward_once
+from .trial import freeze_breaking
 
 # What a proposal set maps to, per group: (proposal, already gated on the way) pairs.
 Origin = dict[int, frozenset]
@@ -198,25 +199,26 @@ class Tracer(TorchDispatchMode):
                 self.groups.get(g).mixing.append(module)
         return True
 
-    def bookkeeping(self, value: Union[int, Sequence[int]], pieces: list[list[int]], per: int = 1,
-                    name: Optional[str] = None) -> bool:
-        """Whether the running module holds ``value``, the channel counts of ``pieces`` (lists of
-        groups) over ``per``, in exactly one attribute (``name``, when given): an int for one
-        piece, a list or tuple for several. If so, the surgery will set it after a prune. A
-        count the module computes on the way (``self.c // 2``) is not found: the caller
-        freezes what it cannot update."""
+    def held(self, value: Union[int, Sequence[int]]) -> list[str]:
+        """The attributes of the running module that hold ``value``: an int, or a list or tuple
+        of ints equal to it."""
         def holds(held: Any) -> bool:
             if isinstance(value, int):
                 return type(held) is int and held == value
             return isinstance(held, (list, tuple)) and list(held) == list(value)
+        return [a for a, held in vars(self.module()).items() if holds(held)]
 
-        found = [a for a, held in vars(self.module()).items()
-                 if (a == name if name else not a.startswith("_")) and holds(held)]
-        if len(found) != 1:
-            return False
+    def bookkeeping(self, value: Union[int, Sequence[int]], pieces: list[list[int]], per: int = 1,
+                    name: Optional[str] = None) -> bool:
+        """Whether the running module holds ``value``, the channel counts of ``pieces`` (lists of
+        groups) over ``per``, in an attribute (``name``, when given): an int for one piece, a
+        list or tuple for several. If so, the surgery will set every such attribute after a
+        prune. A count the module computes on the way (``self.c // 2``) is not found."""
+        found = [a for a in self.held(value) if a == name or name is None]
         module = self.stack[-1] if self.stack else ""
-        self.attributes.append((module, found[0], pieces, per, not isinstance(value, int)))
-        return True
+        for a in found:
+            self.attributes.append((module, a, pieces, per, not isinstance(value, int)))
+        return bool(found)
 
     def unknown(self, inputs: Iterable[Any], why: str) -> None:
         """Freeze what an op touches. Its outputs are not followed: where their channels are is
@@ -542,9 +544,11 @@ def analyze(model: torch.nn.Module, example_input: Any, ignore: Optional[Iterabl
         if not group.gates and not group.frozen:
             group.frozen.append("no module output observes its channels")
         group.proposed = []
-    return Analysis(tracer.groups.roots(), {n: tuple(t.shape) for n, t in named.items()},
-                    tracer.flops_per_weight, attributes(tracer),
-                    frozenset(n for n, _ in model.named_buffers()), mixing_norms)
+    analysis = Analysis(tracer.groups.roots(), {n: tuple(t.shape) for n, t in named.items()},
+                        tracer.flops_per_weight, attributes(tracer),
+                        frozenset(n for n, _ in model.named_buffers()), mixing_norms)
+    freeze_breaking(model, example_input, analysis)
+    return analysis
 
 
 def attributes(tracer: Tracer) -> list[Attribute]:

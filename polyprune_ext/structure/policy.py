@@ -11,26 +11,34 @@ including a weight whose input and output channels both shrink.
 
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from .. import choices
 from ..choices import Scope, Target
-from .analysis import Analysis
+
+if TYPE_CHECKING:
+    from .analysis import Analysis
 
 
-def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None) -> dict[str, int]:
-    """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
-    channels of group ``i`` (every channel of the groups not named)."""
-    kept = kept or {}
-    dim_sizes: dict[tuple[str, int], int] = {}  # (parameter, dim) -> its size after pruning
+def shapes_after(analysis: "Analysis", kept: dict[int, int]) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter and buffer after keeping ``kept[i]`` channels of group ``i``
+    (every channel of the groups not named)."""
+    dim_sizes: dict[tuple[str, int], int] = {}  # (tensor, dim) -> its size after pruning
     for i, group in enumerate(analysis.groups):
         for slot in group.slots:
             key = (slot.name, slot.dim)
             dim_sizes[key] = dim_sizes.get(key, 0) + kept.get(i, group.size)
-    numel = {name: math.prod(dim_sizes.get((name, d), n) for d, n in enumerate(shape))
-             for name, shape in analysis.shapes.items()}
+    return {name: tuple(dim_sizes.get((name, d), n) for d, n in enumerate(shape))
+            for name, shape in analysis.shapes.items()}
+
+
+def cost(analysis: "Analysis", kept: Optional[dict[int, int]] = None) -> dict[str, int]:
+    """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
+    channels of group ``i`` (every channel of the groups not named)."""
+    kept = kept or {}
+    numel = {name: math.prod(shape) for name, shape in shapes_after(analysis, kept).items()}
     return {
         "params": sum(n for name, n in numel.items() if name not in analysis.buffers),
         "flops": sum(f * numel[name] for name, f in analysis.flops_per_weight.items()),
@@ -38,7 +46,7 @@ def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None) -> dict[str,
     }
 
 
-def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
+def select_channels(analysis: "Analysis", scores: dict[int, torch.Tensor], *,
                     amount: Optional[float] = None, at_most: Optional[float] = None,
                     target: Target = "flops", scope: Scope = "global", min_channels: int = 1,
                     max_ratio: float = 0.9, round_to: int = 1,

@@ -145,10 +145,10 @@ def convolution(t: "Tracer", call: OpCall) -> Optional[bool]:
             t.add_slots(Space(1, [group]), bias_name, 0)
         t.propose(out, Space(1, [group]))
     elif groups == in_channels == out_channels:  # depthwise: per channel
-        # F.conv2d(x, self.filt, groups=self.channels) (timm's BlurPool2d): the count is set
-        if functional and not t.bookkeeping(groups, [list(space.groups)]):
-            return t.unknown([x], f"depthwise convolution whose groups={groups} are not an "
-                                  "attribute of the module calling it")
+        # F.conv2d(x, self.filt, groups=self.channels) (timm's BlurPool2d): the count is set;
+        # one computed from x's shape needs nothing, a constant fails the trial prune
+        if functional:
+            t.bookkeeping(groups, [list(space.groups)])
         t.read(x, per_channel=True)
         t.add_slots(space, name, 0)
         if bias_name:
@@ -282,10 +282,15 @@ def layer_norm(t: "Tracer", call: OpCall) -> Optional[bool]:
     names = [t.name_of(v) for v in (call["weight"], call["bias"]) if v is not None]
     if not t.mixing(x, "layer norm normalizes across channels"):
         return
-    if len(shape) != 1 or None in names or not t.bookkeeping(
-            shape, [list(space.groups)], name="normalized_shape" if isinstance(
-                t.module(), torch.nn.LayerNorm) else None):
-        return t.unknown([x], "layer norm over channels whose shape or weights the surgery cannot set")
+    # torch.nn.LayerNorm's shape is set; a functional call's is taken as computed from the
+    # input (MONAI's F.layer_norm(x, [ch])), the trial prune freezing what it is not
+    if isinstance(t.module(), torch.nn.LayerNorm):
+        t.bookkeeping(shape, [list(space.groups)], name="normalized_shape")
+    elif not t.bookkeeping(shape, [list(space.groups)]):
+        t.bookkeeping(shape[0], [list(space.groups)])
+    if len(shape) != 1 or None in names:
+        return t.unknown([x], "layer norm over channels and other dims, or with weights that "
+                              "are not the model's")
     t.read(x, per_channel=True)
     for name in names:
         t.add_slots(space, name, 0)
@@ -373,14 +378,25 @@ def softmax(t: "Tracer", call: OpCall) -> Optional[bool]:
       aten.upsample_nearest3d, aten._upsample_nearest_exact2d, aten._upsample_nearest_exact3d,
       aten.upsample_bilinear2d, aten.upsample_trilinear3d, aten.upsample_bicubic2d,
       aten.reflection_pad2d, aten.reflection_pad3d, aten.replication_pad2d,
-      aten.replication_pad3d, aten.constant_pad_nd)
+      aten.replication_pad3d, aten.constant_pad_nd, aten.roll)
 def spatial(t: "Tracer", call: OpCall) -> Optional[bool]:
-    """Ops over the dims after the channels (dim 1) that keep zeros zero (a padding with
-    another value sets new values)."""
-    x, first, space = call.x, call.first, t.channels(call.x)
-    if space is None or space.dim != 1 or first.dim() != x.dim() or first.shape[1] != x.shape[1]:
+    """Ops over the dims after the channels (dim 1; for a constant padding or a roll, any dims
+    but the channels: Swin's windows on channels-last tokens) that keep zeros zero (a padding
+    with another value sets new values)."""
+    x, first, space, packet = call.x, call.first, t.channels(call.x), call.func.overloadpacket
+    if space is None or first.dim() != x.dim() or first.shape[space.dim] != x.shape[space.dim]:
         return False
-    if call.func.overloadpacket is aten.constant_pad_nd and call["value"] != 0:
+    touched: Sequence[int]
+    if packet is aten.constant_pad_nd:  # pairs from the last dim backwards
+        pad = call["pad"]
+        touched = [x.dim() - 1 - i for i in range(len(pad) // 2) if pad[2 * i] or pad[2 * i + 1]]
+    elif packet is aten.roll:
+        touched = [d % x.dim() for d in call["dims"]] or range(x.dim())
+    else:
+        touched = range(2, x.dim())
+    if space.dim in touched or packet not in (aten.constant_pad_nd, aten.roll) and space.dim != 1:
+        return False
+    if packet is aten.constant_pad_nd and call["value"] != 0:
         t.read(x)
         t.propose(first, space)
     else:
@@ -420,7 +436,10 @@ def reduction(t: "Tracer", call: OpCall) -> Optional[bool]:
 @rule(aten.view, aten._unsafe_view, aten.reshape, aten.expand, aten.unsqueeze, aten.squeeze,
       aten.permute, aten.transpose, aten.t)
 def view(t: "Tracer", call: OpCall) -> Optional[bool]:
-    """Views and permutes that keep the channel dim whole move it; others are not followed."""
+    """Views and permutes that keep the channel dim whole move it. A view that splits it into
+    blocks (heads, a selective kernel's paths) keeps the same local channels in every block
+    (Tracer.blocks), the channels in the last dim of the split; one that joins blocks back
+    into one dim repeats the groups. Others are not followed."""
     x, out, space, packet = call.x, call.first, t.channels(call.x), call.func.overloadpacket
     if space is None:
         return False
@@ -433,27 +452,48 @@ def view(t: "Tracer", call: OpCall) -> Optional[bool]:
             order[a], order[b] = order[b], order[a]
         else:
             order = [d % x.dim() for d in call["dims"]]
-        dim = order.index(space.dim)
-    else:  # same elements in the same order: the channel dim survives where the
-        # elements before it, and its size, are the same
-        before = x.shape[:space.dim].numel()
-        candidates = [d for d in range(out.dim()) if out.shape[:d].numel() == before
-                      and out.shape[d] == x.shape[space.dim]]
-        if packet is aten.expand:  # aligned from the right
-            candidates = [space.dim + out.dim() - x.dim()]
-        if not candidates:
-            return False
-        dim = candidates[0]
-    t.follow(out, x, Space(dim, space.groups))
+        return t.follow(out, x, Space(order.index(space.dim), space.groups))
+    if packet is aten.expand:  # aligned from the right
+        return t.follow(out, x, Space(space.dim + out.dim() - x.dim(), space.groups))
+    # same elements in the same order: a dim of out holding the elements from the same start
+    c, channels = space.dim, x.shape[space.dim]
+
+    def starts(before: int) -> list[int]:
+        return [d for d in range(out.dim()) if out.shape[:d].numel() == before]
+
+    kept = [d for d in starts(x.shape[:c].numel()) if out.shape[d] == channels]
+    if kept:
+        return t.follow(out, x, Space(kept[0], space.groups))
+    if packet is aten.unsqueeze or packet is aten.squeeze:
+        return False
+    for d in starts(x.shape[:c].numel()):  # split: channels become dims d..e of out
+        e = next((e for e in range(d + 1, out.dim()) if out.shape[d:e + 1].numel() >= channels), None)
+        if e is not None and out.shape[d:e + 1].numel() == channels and out.shape[e] < channels:
+            local = t.blocks(x, channels // out.shape[e], f"{call.func} into blocks")
+            if local is None:
+                return False
+            # timm's Attention.head_dim is set; a size computed on the way is taken as
+            # computed from this tensor's shape (SK's C // self.num_paths), and a trial prune
+            # (structure.trial) freezes the channels where that is not so
+            t.bookkeeping(out.shape[e], [local])
+            return t.follow(out, x, Space(e, local))
+    for b in range(c):  # join: dims b..c of x become one dim of out
+        joined = x.shape[b:c + 1].numel()
+        found = [d for d in starts(x.shape[:b].numel()) if out.shape[d] == joined]
+        if found:
+            return t.follow(out, x, Space(found[0], space.groups * (joined // channels)))
+    return False
 
 
 @rule(aten.select, aten.slice, aten.split, aten.split_with_sizes, aten.unbind)
 def index(t: "Tracer", call: OpCall) -> Optional[bool]:
     """select, slice, split, unbind: across other dims the space passes. Along the channels,
-    groups are cut at the pieces' bounds; the sizes, fixed numbers in the call, must be
-    attributes of the running module (timm's MixedConv2d ``self.splits``) for the surgery to
-    set them, else the pieces freeze. A slice of the whole dim passes unchanged, and
-    torch.chunk's relative pieces have their own rule."""
+    groups are cut at the pieces' bounds. Split sizes the running module holds (timm's
+    MixedConv2d ``self.splits``, or the total they come from: SK's ``self.in_channels //
+    self.num_paths``) are set by the surgery; others are taken as computed from the input's
+    shape (torch.chunk's), equal pieces tied so that they stay equal, and the trial prune
+    (structure.trial) freezes what that does not hold for. A slice's bounds must be attributes
+    (a constant bound would silently take other channels), unless it takes the whole dim."""
     x, space, packet = call.x, t.channels(call.x), call.func.overloadpacket
     if space is None:
         return False
@@ -473,47 +513,28 @@ def index(t: "Tracer", call: OpCall) -> Optional[bool]:
     start = slice(call["start"], call["end"]).indices(total)[0] if packet is aten.slice else 0
     if sizes == [total]:
         return t.follow(pieces[0], x)  # the whole dim (GhostNet's out[:, :self.out_chs])
-    if packet is aten.split and len(set(sizes[:-1])) == 1 and sizes[-1] == sizes[0]:
-        local = t.blocks(x, len(sizes), f"{call.func} into equal pieces")  # pieces stay equal
-        if local is None or not t.bookkeeping(sizes[0], [local]):
-            return t.unknown([x], f"{call.func} into pieces of {sizes[0]} channels, not an "
-                                  "attribute of the module calling it")
+    if packet is aten.split:  # pieces of one size (an uneven last one could not stay so)
+        local = t.blocks(x, len(sizes), f"{call.func} into equal pieces")
+        if len(set(sizes)) != 1 or local is None:
+            return False
+        t.bookkeeping(sizes[0], [local]) or t.bookkeeping(total, [list(t.channels(x).groups)])
         for piece in pieces:
             t.follow(piece, x, Space(dim, local))
         return
     bounds = [start + sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    if packet is aten.split or not t.cut_at(x, bounds):
+    if not t.cut_at(x, bounds):
         return False
     groups, offsets = t.channels(x).groups, t.boundaries(x)
     held = [groups[offsets.index(a):offsets.index(b)] for a, b in zip(bounds, bounds[1:])]
-    if packet is aten.slice:  # x[:, a:b]: the bounds other than 0 and the end
-        found = all(t.bookkeeping(b, [groups[:offsets.index(b)]]) for b in bounds if 0 < b < total)
-    else:
-        found = t.bookkeeping(sizes, held) or all(t.bookkeeping(n, [h]) for n, h in zip(sizes, held))
-    if not found:
-        return t.unknown([x], f"{call.func} with sizes {sizes} that are not attributes of the "
-                              "module calling it")
+    if packet is aten.slice:
+        if not all(t.bookkeeping(b, [groups[:offsets.index(b)]]) for b in bounds if 0 < b < total):
+            return t.unknown([x], f"{call.func} of channels [{bounds[0]}, {bounds[1]}), bounds that "
+                                  "are not attributes of the module calling it")
+    elif not t.bookkeeping(sizes, held):
+        for n, h in zip(sizes, held):
+            t.bookkeeping(n, [h])
     for piece, h in zip(pieces, held):
         t.follow(piece, x, Space(dim, h))
-
-
-@rule(torch.chunk, torch.Tensor.chunk, params=("input", "chunks", "dim"))
-def chunk(t: "Tracer", call: OpCall) -> Optional[bool]:
-    """Equal pieces, their size computed from the input's: tied block to block, so that they
-    stay equal (an uneven last piece would not)."""
-    x, pieces = call["input"], list(call.out)
-    space, dim = t.channels(x), call.get("dim", 0) % x.dim()
-    if dim != space.dim:
-        for piece in pieces:
-            t.follow(piece, x)
-        return
-    if len({p.shape[dim] for p in pieces}) != 1:
-        return False
-    local = t.blocks(x, len(pieces), "chunk")
-    if local is None:
-        return False
-    for piece in pieces:
-        t.follow(piece, x, Space(dim, local))
 
 
 # -- several activations -----------------------------------------------------------------------
@@ -587,6 +608,25 @@ def elementwise(t: "Tracer", call: OpCall) -> Optional[bool]:
     else:
         t.read(x, per_channel=True)
         t.propose(out, new)
+
+
+@rule(aten.bmm, aten.mm)
+def matmul(t: "Tracer", call: OpCall) -> Optional[bool]:
+    """``a @ b``. Channels along the contracted dim of both (an attention's ``q @ k^T``) are
+    tied and read; channels along a dim of one that the output keeps (the rows of a, the columns
+    of b: ``attention @ v``) pass on when the other holds none."""
+    a, b, out = call.x, call["mat2"], call.first
+    sa, sb = t.channels(a), t.channels(b)
+    if sa is not None and sb is not None:
+        if sa.dim != a.dim() - 1 or sb.dim != b.dim() - 2 or not t.align([a, b], str(call.func)):
+            return False
+        t.read(a)
+        t.read(b)
+        return
+    x, kept = (a, a.dim() - 2) if sa is not None else (b, b.dim() - 1)
+    if t.channels(x).dim != kept:
+        return False
+    t.follow(out, x)
 
 
 @rule(aten.cat, aten.stack)

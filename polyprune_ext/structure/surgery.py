@@ -7,16 +7,18 @@ channel attributes are updated so that repr and a new analysis see the new sizes
 """
 
 import collections
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 
 from .. import ops
-from .analysis import Analysis
 from .spaces import Gate
 
+if TYPE_CHECKING:
+    from .analysis import Analysis
 
-def prune_(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any],
+
+def prune_(model: torch.nn.Module, analysis: "Analysis", keep: Mapping[int, Any],
            optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
     """Keep, for each group index ``i`` in ``keep``, the channels ``keep[i]`` of
     ``analysis.groups[i]`` (sorted unique indices), and remove the rest from ``model`` in place.
@@ -82,7 +84,7 @@ def update_module_attributes(model: torch.nn.Module) -> None:
             m.out_features, m.in_features = m.weight.shape
 
 
-def set_attributes(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int, Any]) -> None:
+def set_attributes(model: torch.nn.Module, analysis: "Analysis", keep: Mapping[int, Any]) -> None:
     """The module attributes that hold channel counts (Analysis.attributes: norms' channel and
     group counts, split sizes, a functional depthwise conv's channels) set to the kept counts."""
     for a in analysis.attributes:
@@ -92,7 +94,7 @@ def set_attributes(model: torch.nn.Module, analysis: Analysis, keep: Mapping[int
         setattr(module, a.name, type(getattr(module, a.name))(counts) if a.listed else counts[0])
 
 
-def zero_channels(model: torch.nn.Module, analysis: Analysis,
+def zero_channels(model: torch.nn.Module, analysis: "Analysis",
                   drop: Mapping[int, Any]) -> list[torch.utils.hooks.RemovableHandle]:
     """Simulate a prune without changing any tensor: forward hooks zero the channels ``drop[i]``
     of group ``i`` at every gate of the group. The model then computes what the model pruned of
