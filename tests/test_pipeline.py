@@ -106,6 +106,23 @@ def test_cli_train_prune_eval(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
+def test_cli_trains_and_prunes_a_monai_model(tmp_path, capsys):
+    pytest.importorskip("monai")
+    spec = ["--arch", "monai.UNet", "--model-args", '{"channels": [8, 16, 32], "strides": [2, 2]}']
+    cli.main(["train", *spec, "--epochs", "1", "--out", str(tmp_path / "trained"), *TINY])
+    cli.main(["prune", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "pruned"),
+              "--amount", "0.3", "--step", "0.3", "--score-batches", "1", "--finetune-epochs", "1", *TINY])
+    rows = json.loads((tmp_path / "pruned" / "pruning_log.json").read_text())
+    assert rows[-1]["gflops"] <= 0.7 * rows[0]["gflops"] * (1 + 1e-9)
+    model = polyprune_ext.load(tmp_path / "pruned" / "model.safetensors")  # rebuilt from its arguments
+    assert type(model).__module__.startswith("monai") and model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    capsys.readouterr()
+    cli.main(["eval", "--checkpoint", str(tmp_path / "pruned"), *TINY])
+    assert 0 <= json.loads(capsys.readouterr().out)["dice"] <= 1
+    with pytest.raises(SystemExit):  # not a JSON object: argparse says so
+        cli.main(["train", "--arch", "monai.UNet", "--model-args", "[8, 16]", "--out", str(tmp_path / "x")])
+
+
 def test_cli_refuses_a_missing_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint"):
         cli.main(["eval", "--checkpoint", str(tmp_path), *TINY])

@@ -3,7 +3,7 @@
 import argparse
 
 from .. import speed
-from ..models import smp_model
+from ..models import named_model
 from . import options
 
 
@@ -11,8 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency and FPS, and whether the model is real-time")
     p.add_argument("--checkpoint", help="directory written by train or prune (default: an "
                                         "unpruned --arch/--encoder model)")
-    p.add_argument("--arch", default="Unet", help="smp architecture without --checkpoint (default %(default)s)")
-    p.add_argument("--encoder", default="resnet34", help="smp encoder without --checkpoint (default %(default)s)")
+    options.add_arch(p, when=", without --checkpoint")
     p.add_argument("--size", type=int, default=352, help="input side in pixels (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=8,
                    help="the larger batch timed beside batch 1 (default %(default)s)")
@@ -21,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    model = options.load_checkpoint(args.checkpoint)[0] if args.checkpoint else smp_model(args.arch, args.encoder)
+    model = options.load_checkpoint(args.checkpoint)[0] if args.checkpoint else \
+        named_model(args.arch, args.encoder, **args.model_args)
     rows = speed.speed_table(model, size=args.size, batches=(1, args.batch_size), device=args.device)
     print(speed.format_table(rows))
     verdict = "real-time" if speed.is_real_time(rows, size=args.size) else "not real-time"

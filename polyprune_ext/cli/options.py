@@ -2,6 +2,7 @@
 Trainer (trainer_for, also used by the benchmarks)."""
 
 import argparse
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -37,11 +38,34 @@ def add_data(p: argparse.ArgumentParser) -> None:
 
 
 def add_model(p: argparse.ArgumentParser, *, encoder: str = "resnet34") -> None:
-    p.add_argument("--arch", default="Unet", help="smp architecture (default %(default)s)")
-    p.add_argument("--encoder", default=encoder, help="smp encoder (default %(default)s)")
+    add_arch(p, encoder=encoder)
     p.add_argument("--encoder-weights", default=None,
                    help="pretrained encoder weights, e.g. imagenet (needs a machine that reaches "
                         "the model hub; default: none, random initialisation)")
+
+
+def add_arch(p: argparse.ArgumentParser, *, encoder: str = "resnet34", when: str = "") -> None:
+    """--arch, --encoder and --model-args: the model models.named_model builds."""
+    p.add_argument("--arch", default="Unet",
+                   help=f"smp architecture, or monai.<Network> for a MONAI one (monai.UNet, "
+                        f"monai.SegResNet, ...; the monai extra){when} (default %(default)s)")
+    p.add_argument("--encoder", default=encoder,
+                   help=f"smp encoder; MONAI networks have none{when} (default %(default)s)")
+    p.add_argument("--model-args", type=model_args, default={},
+                   help="the model's other constructor arguments, a JSON object: "
+                        "'{\"channels\": [16, 32, 64, 128], \"strides\": [2, 2, 2]}' for "
+                        f"monai.UNet (MONAI networks are 2-D, 3 channels in, 1 out by default){when}")
+
+
+def model_args(text: str) -> dict:
+    """--model-args: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of constructor arguments, not {text}")
+    return value
 
 
 def add_run(p: argparse.ArgumentParser) -> None:

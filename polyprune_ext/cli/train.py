@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     task = options.resolve_task(args)
     out = Path(args.out)
-    model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights)
+    model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights,
+                             **args.model_args)
     trainer = options.trainer_for(task, args, model, out, epochs=args.epochs, lr=args.lr)
     if args.resume:
         trainer.resume()

@@ -31,8 +31,8 @@ class Metric:
 class Task:
     """``datasets(source, size=, val_count=, seed=, count=)`` gives the (train, val) sets of a
     folder, or of the synthetic stand-in when ``source`` is None (``count`` items; train
-    augmented); ``build_model(arch, encoder, encoder_weights=)`` an unpruned model;
-    ``loss_fn(output, target)`` and ``metrics()`` train and judge it; ``reported`` are the
+    augmented); ``build_model(arch, encoder, encoder_weights=, **model_args)`` an unpruned
+    model; ``loss_fn(output, target)`` and ``metrics()`` train and judge it; ``reported`` are the
     metrics tables show, the headline first."""
 
     name: str
