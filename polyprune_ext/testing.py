@@ -9,12 +9,13 @@ models that exercise the analysis rules.
 
 import copy
 import inspect
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .choices import MixingNorms
 from .structure import Analysis, ModelStats, analyze, model_stats, prune_, zero_channels
 
 
@@ -134,19 +135,20 @@ def random_runs(runs: int, unit: int, share: float, gen: torch.Generator) -> tor
     return (chosen[:, None] * unit + torch.arange(unit)).flatten().sort().values
 
 
-def prune_and_compare(model: torch.nn.Module, x: torch.Tensor, ratio: float,
-                      seed: int = 0) -> tuple[Analysis, ModelStats, ModelStats, float]:
+def prune_and_compare(model: torch.nn.Module, x: torch.Tensor, ratio: float, seed: int = 0, *,
+                      mixing_norms: MixingNorms = "freeze") -> tuple[Analysis, ModelStats, ModelStats, float]:
     """Prune ``ratio`` of every prunable group of ``model`` (in place, in float64; whole runs
     where a group goes in runs) at random and compare with a float64 reference in which those
-    channels are zeroed at their gates; returns (analysis, stats before, stats after, relative
-    error of the output)."""
+    channels are zeroed at their gates (and, with ``mixing_norms="prune"``, left out of the
+    statistics of the norms pruned through: masked_norm_reference); returns (analysis, stats
+    before, stats after, relative error of the output)."""
     model, x = model.double().eval(), x.double()
     randomize_norms(model)
-    analysis = analyze(model, x)
+    analysis = analyze(model, x, mixing_norms=mixing_norms)
     gen = torch.Generator().manual_seed(seed)
     keep = {i: random_runs(g.size // g.unit, g.unit, 1 - ratio, gen)
             for i, g in enumerate(analysis.groups) if g.prunable}
-    reference = zeroed_reference(model, analysis, keep)
+    reference = masked_norm_reference(model, analysis, keep)
     before = model_stats(model, x)
     with torch.no_grad():
         expected, original = reference(x), model(x)
@@ -158,6 +160,21 @@ def prune_and_compare(model: torch.nn.Module, x: torch.Tensor, ratio: float,
     assert got.shape == expected.shape
     error = ((got - expected).abs().max() / expected.abs().max()).item()
     return analysis, before, model_stats(model, x), error
+
+
+def conv_share(model: torch.nn.Module, analysis: Analysis, prefix: str = "") -> float:
+    """The share of the output channels of ``model``'s convs (those under ``prefix``) that are
+    in prunable groups able to lose some (more channels than one run)."""
+    convs = {n + ".weight": m for n, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.conv._ConvNd) and n.startswith(prefix)}
+    total = removable = 0
+    for g in analysis.groups:
+        for slot in g.slots:
+            conv = convs.get(slot.name)
+            if conv is not None and slot.dim == (1 if conv.transposed else 0):
+                total += g.size
+                removable += g.size if g.prunable and g.size > g.unit else 0
+    return removable / total
 
 
 # -- the smp matrix: 11 architectures x 10 encoder families (102 pairs smp builds) -------------
@@ -260,3 +277,53 @@ class Tokens(torch.nn.Module):
         tokens = tokens + self.fc2(torch.nn.functional.gelu(self.fc1(tokens))) * self.scale
         x = tokens.permute(0, 3, 1, 2)
         return self.head(torch.cat([self.gn_mixing(self.mixing(x)), x], 1))
+
+
+# -- beyond the smp matrix: MONAI networks in 2-D and 3-D, timm encoders through smp ---------
+
+
+def _monai(name: str, **kwargs: Any) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import pytest
+
+        nets = pytest.importorskip("monai.networks.nets")
+        return getattr(nets, name)(**kwargs)
+    return build
+
+
+def _smp_unet(encoder: str) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        import pytest
+
+        smp = pytest.importorskip("segmentation_models_pytorch")
+        return smp.Unet(encoder, encoder_weights=None)
+    return build
+
+
+_2D = dict(spatial_dims=2, in_channels=3, out_channels=1)
+_3D = dict(spatial_dims=3, in_channels=1, out_channels=2)
+_DYN = dict(kernel_size=[3, 3, 3, 3], strides=[1, 2, 2, 2], upsample_kernel_size=[2, 2, 2])
+_TIMM: list[tuple[str, MixingNorms]] = [
+    ("tu-convnextv2_atto", "prune"), ("timm-skresnet18", "freeze"), ("tu-fastvit_t8", "freeze"),
+    ("tu-regnety_002", "freeze"), ("tu-ghostnet_100", "freeze"), ("tu-dla34", "freeze"),
+    ("tu-mixnet_s", "freeze"), ("tu-resnetblur18", "freeze"), ("tu-efficientvit_b0", "freeze")]
+# name: (build, input shape, how analyze treats channel-mixing norms). MONAI with its defaults
+# (UNet: residual units, PReLU, instance norms; SegResNet: group norms of 8 groups) at 64x64 and
+# 32^3; timm encoders chosen for the patterns they hold (ConvNeXt-V2's layer norms and GRN,
+# selective kernels, GhostNet, DLA roots, MixNet splits, blur pools, RegNetY's SE over grouped
+# convs, FastViT, EfficientViT).
+ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...], MixingNorms]] = {
+    "monai.UNet": (_monai("UNet", **_2D, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2),
+                          num_res_units=2), (1, 3, 64, 64), "freeze"),
+    "monai.SegResNet": (_monai("SegResNet", **_2D), (1, 3, 64, 64), "freeze"),
+    "monai.BasicUNet": (_monai("BasicUNet", **_2D), (1, 3, 64, 64), "freeze"),
+    "monai.DynUNet": (_monai("DynUNet", **_2D, **_DYN), (1, 3, 64, 64), "freeze"),
+    "monai.AttentionUnet": (_monai("AttentionUnet", **_2D, channels=(16, 32, 64, 128), strides=(2, 2, 2)),
+                            (1, 3, 64, 64), "freeze"),
+    "monai.SwinUNETR": (_monai("SwinUNETR", **_2D, feature_size=12), (1, 3, 64, 64), "freeze"),
+    "monai.UNet-3d": (_monai("UNet", **_3D, channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2),
+                      (1, 1, 32, 32, 32), "freeze"),
+    "monai.DynUNet-3d": (_monai("DynUNet", **_3D, **_DYN, filters=[8, 16, 32, 64]), (1, 1, 32, 32, 32), "freeze"),
+    "monai.SegResNet-3d": (_monai("SegResNet", **_3D, init_filters=8), (1, 1, 32, 32, 32), "freeze"),
+    **{f"Unet-{encoder}": (_smp_unet(encoder), (1, 3, 64, 64), mixing) for encoder, mixing in _TIMM},
+}

@@ -12,8 +12,8 @@ import torch
 import polyprune_ext
 from polyprune_ext import analyze
 from polyprune_ext.structure import prune_
-from polyprune_ext.testing import (SMP_ARCHITECTURES, SMP_ENCODERS, Grouped, Tokens, Toy,
-                                   build_smp, prune_and_compare)
+from polyprune_ext.testing import (SMP_ARCHITECTURES, SMP_ENCODERS, ZOO, Grouped, Tokens, Toy,
+                                   build_smp, conv_share, prune_and_compare)
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5])
@@ -88,6 +88,33 @@ def test_smp_function_preserved(arch, encoder, ratio):
     analysis, before, after, error = prune_and_compare(model, torch.randn(1, 3, size, size), ratio)
     assert error <= 1e-6
     assert analysis.prunable and after.flops < before.flops and after.params < before.params
+
+
+# The least share of conv output channels prunable (in groups that can lose some) per model of
+# testing.ZOO, as measured; ConvNeXt-V2 through its layer norms and GRN (mixing_norms="prune").
+# Below 90%: SwinUNETR (its transformer's stage outputs leave in a list after a functional layer
+# norm, where no module output can observe them), FastViT (a depthwise conv with two outputs per
+# input channel ties the channels feeding it), EfficientViT (linear attention: a product with
+# channels on both sides, and a padding of the channels).
+ZOO_SHARES = {"monai.UNet": 0.99, "monai.SegResNet": 0.99, "monai.BasicUNet": 0.99,
+              "monai.DynUNet": 0.99, "monai.AttentionUnet": 0.99, "monai.SwinUNETR": 0.78,
+              "monai.UNet-3d": 0.99, "monai.DynUNet-3d": 0.99, "monai.SegResNet-3d": 0.99,
+              "Unet-tu-convnextv2_atto": 0.99, "Unet-timm-skresnet18": 0.99, "Unet-tu-fastvit_t8": 0.66,
+              "Unet-tu-regnety_002": 0.99, "Unet-tu-ghostnet_100": 0.99, "Unet-tu-dla34": 0.99,
+              "Unet-tu-mixnet_s": 0.99, "Unet-tu-resnetblur18": 0.99, "Unet-tu-efficientvit_b0": 0.65}
+
+
+@pytest.mark.parametrize("name", [name if name in ("monai.UNet", "monai.SegResNet") else
+                                  pytest.param(name, marks=pytest.mark.slow) for name in ZOO])
+def test_monai_and_timm_function_preserved(name):
+    build, shape, mixing_norms = ZOO[name]
+    torch.manual_seed(0)
+    model = build()
+    analysis, before, after, error = prune_and_compare(model, torch.randn(shape), 0.4,
+                                                       mixing_norms=mixing_norms)
+    assert error <= 1e-6
+    assert conv_share(model, analysis) >= ZOO_SHARES[name]
+    assert after.flops < before.flops
 
 
 def test_optimizer_state_follows_the_parameters():

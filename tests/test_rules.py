@@ -462,3 +462,25 @@ def test_selective_kernel_paths():
     assert analysis.report().count("\n") == 1
     assert model.sk.in_channels == model.stem[0].out_channels == 4
     assert model.sk.attn.select.out_channels == 2 * model.sk.paths[0][0].out_channels
+
+
+class Multiplier(torch.nn.Module):
+    """A depthwise conv with two outputs per input channel (FastViT's patch embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.dw = conv_bn(3, 8, 3), conv_bn(8, 16, 3, groups=8)
+        self.head = torch.nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.dw(self.stem(x)))
+
+
+def test_depthwise_conv_with_several_outputs_per_input():
+    """Removing an input channel would take its outputs with it; what is exact: the same output
+    of every input channel goes, and the input channels stay."""
+    model = Multiplier()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    assert (model.dw[0].in_channels, model.dw[0].out_channels, model.dw[0].groups) == (8, 8, 8)
+    assert model.stem[0].out_channels == 8

@@ -154,10 +154,7 @@ def convolution(t: "Tracer", call: OpCall) -> Optional[bool]:
         if bias_name:
             t.add_slots(space, bias_name, 0)
         t.propose(out, space)
-    elif groups == in_channels:
-        t.unknown([x], f"depthwise convolution with {out_channels // groups} outputs per input "
-                       "channel: an input channel would take a run of outputs with it")
-    else:
+    else:  # grouped, or depthwise with several outputs per input channel (FastViT)
         local = t.blocks(x, groups, "grouped convolution")
         if local is None:
             return t.unknown([x], f"grouped convolution ({groups} groups) whose input channels "
@@ -172,7 +169,9 @@ def grouped_convolution(t: "Tracer", x: torch.Tensor, out: torch.Tensor, groups:
     same local channel goes from every conv group: the input's blocks are tied (``local``, the
     groups of one block, Tracer.blocks), and the output is one group of wo channels repeated
     ``groups`` times (ResNeXt, RegNet). The weight holds one block's input channels (all of
-    them, transposed) and every output channel (one block's)."""
+    them, transposed) and every output channel (one block's). A depthwise conv with several
+    outputs per input channel (FastViT) is one too: its input channels, one per block, are all
+    tied into one channel that stays, and its outputs lose the same one of each input's."""
     t.read(x)
     group = t.groups.new(out.shape[1] // groups)
     repeated = Space(1, [group] * groups)
