@@ -14,7 +14,9 @@ Users add rules for their own ops or functions with ``@rule`` or ``analyze(..., 
 Never guess: an op with no rule, or a rule's precondition not met, freezes every group it
 touches, and the report says which op, in which module, and why. The model's inputs and outputs
 are frozen too (the image channels and the classes are fixed), and so are the channels of
-ignored modules.
+ignored modules. Counts the forward pass takes from its modules (split sizes, head sizes) are
+module attributes the surgery sets (Analysis.attributes); a trial prune on the meta device
+(structure.trial) then freezes the groups whose removal would still break the forward pass.
 
 Gates. Each group names the module outputs where its channels can be observed and zeroed (for
 scoring, and for the tests' proof that a prune is right): removing a channel is the same as
