@@ -484,3 +484,24 @@ def test_depthwise_conv_with_several_outputs_per_input():
     assert error <= 1e-9
     assert (model.dw[0].in_channels, model.dw[0].out_channels, model.dw[0].groups) == (8, 8, 8)
     assert model.stem[0].out_channels == 8
+
+
+class GroupedTransposed(torch.nn.Module):
+    """A grouped transposed conv: its weight holds every input channel and one block's outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 8, 3)
+        self.up = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 12, 2, stride=2, groups=4), bn(12))
+        self.head = torch.nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(self.stem(x))))
+
+
+def test_grouped_transposed_convolution():
+    model = GroupedTransposed()
+    analysis, _, _, error = prune_and_compare(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert error <= 1e-9
+    up = model.up[0]
+    assert (up.in_channels, up.out_channels, up.groups, up.weight.shape[:2]) == (4, 8, 4, (4, 2))

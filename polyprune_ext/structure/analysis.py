@@ -295,7 +295,8 @@ class Tracer(TorchDispatchMode):
 
     def cut_at(self, t: torch.Tensor, offsets: Iterable[int]) -> bool:
         """Cut the groups of t's space so that each of ``offsets`` is a boundary between two
-        of them; False where a cut would split a group's unit (then nothing is cut)."""
+        of them; False where a cut would split a run of a group's unit (the cuts made before
+        stay: a cut changes no channel, only how they may be counted)."""
         wanted = set(offsets)
         while True:
             space, start = self.space[id(t)], 0
@@ -346,7 +347,7 @@ class Tracer(TorchDispatchMode):
         conv groups of a grouped conv, the heads of a view, the pieces of a chunk): groups are
         cut at every boundary any block has, then block j is tied to block 0, so that channel k
         of a group stands for local channel k of every block. Returns block 0's groups, or None
-        (changing nothing) where the channels do not divide or a unit forbids a cut."""
+        (nothing tied) where the channels do not divide or a unit forbids a cut."""
         total = sum(self.groups.sizes(self.space[id(t)].groups))
         width = total // blocks
         if width * blocks != total:
