@@ -1,17 +1,23 @@
-"""Structural pruning of smp models, ours against Torch-Pruning: is the result right, how long did it take.
+"""Structural pruning, ours against Torch-Pruning: is the result right, how long did it take, how
+much of each model is prunable.
 
-For each model (float64, eval mode, batch norms with random statistics so that nothing is
-trivially zero), 50% of the channels of every prunable group are chosen at random and removed by
-each library. "Right" is function preservation: a copy of the unpruned model in which the removed
-channels are zeroed at every module that, by the library's own account, produces them must give
-the same output as the pruned model (relative error <= 1e-6). A model that prunes but gives another
-output, or changes the output shape, is "wrong"; exceptions and runs past --timeout are reported.
+The models: every pair of the smp test matrix (11 architectures x 10 encoders), and the MONAI
+networks (2-D and 3-D) and smp Unets with timm encoders of polyprune_ext.testing.ZOO (ours only;
+ConvNeXt-V2 pruned through its channel-mixing norms, mixing_norms="prune"). For each (float64,
+eval mode, batch norms with random statistics so that nothing is trivially zero), 50% of the
+channels of every prunable group (whole runs where a group goes in runs) are chosen at random and
+removed by each library. "Right" is function preservation: a copy of the unpruned model in which
+the removed channels are zeroed at every module that, by the library's own account, produces them
+(and, for ours, left out of the statistics of the norms pruned through) must give the same output
+as the pruned model (relative error <= 1e-6). A model that prunes but gives another output, or
+changes the output shape, is "wrong"; exceptions and runs past --timeout are reported.
 
 Each trial runs in its own process (Torch-Pruning has hung on some models). Time is analysis plus
 pruning, after one untimed forward pass (torch's own first float64 forward of some models takes
 tens of seconds), without the model's construction or the check. For our trials, the share of
-the encoder's conv output channels that are in prunable groups. Also: the time of our analysis
-plus a 50% prune of Unet with resnet34, resnet50 and efficientnet-b0 at 352x352.
+the conv output channels (the encoder's, for the smp matrix) that are in prunable groups able to
+lose some (polyprune_ext.testing.conv_share). Also: the time of our analysis plus a 50% prune of
+Unet with resnet34, resnet50 and efficientnet-b0 at 352x352.
 
 Torch-Pruning is a benchmark-only dependency: pip install ../shared/wheels/torch_pruning-*.whl.
 Prints markdown tables and appends them to benchmarks/RESULTS.md (with --append).
@@ -26,20 +32,30 @@ import time
 
 import torch
 
-from _common import add_options, append_if_asked, heading
-from polyprune_ext.testing import SMP_ARCHITECTURES, SMP_ENCODERS, randomize_norms
+from _common import add_options, append_if_asked, heading, setup
+from polyprune_ext.testing import (SMP_ARCHITECTURES, SMP_ENCODERS, ZOO, conv_share,
+                                   masked_norm_reference, random_runs, randomize_norms)
 
-# The test matrix: every pair smp can build.
-MODELS = [(arch, encoder) for arch in SMP_ARCHITECTURES for encoder in SMP_ENCODERS]
+# The smp test matrix (every pair smp can build), then the MONAI and timm models.
+MODELS = [f"{arch}-{encoder}" for arch in SMP_ARCHITECTURES for encoder in SMP_ENCODERS] + list(ZOO)
 SIZE = 128
 
 
-def build(arch, encoder):
-    import segmentation_models_pytorch as smp
+def build(name):
+    """(model, example input, mixing_norms, prefix of the convs whose share is reported)."""
+    if name in ZOO:
+        make, shape, mixing_norms = ZOO[name]
+        torch.manual_seed(0)
+        model, prefix = make(), ""
+    else:
+        import segmentation_models_pytorch as smp
 
-    model = getattr(smp, arch)(encoder, encoder_weights=None).double().eval()
+        arch, encoder = name.split("-", 1)
+        model, shape, mixing_norms, prefix = getattr(smp, arch)(encoder, encoder_weights=None), \
+            (1, 3, SIZE, SIZE), "freeze", "encoder."
+    model = model.double().eval()
     randomize_norms(model)
-    return model
+    return model, torch.randn(shape, dtype=torch.float64), mixing_norms, prefix
 
 
 def zero_hook(channels):
@@ -54,29 +70,19 @@ def half(size, gen):
     return torch.randperm(size, generator=gen)[: size // 2].sort().values.tolist()
 
 
-def encoder_share(model, analysis):
-    """The share of the encoder's conv output channels (a conv's are the groups holding its
-    weight's dim 0) that are in prunable groups."""
-    outputs = [(g.size, g.prunable) for g in analysis.groups for s in g.slots
-               if s.dim == 0 and s.name.startswith("encoder.") and s.name.endswith(".weight") and
-               isinstance(model.get_submodule(s.name.rsplit(".", 1)[0]), torch.nn.Conv2d)]
-    return sum(n for n, ok in outputs if ok) / sum(n for n, _ in outputs)
-
-
-def ours(model, x, gen):
-    """(zeroed reference, seconds, encoder share) after pruning model in place with polyprune_ext."""
-    from polyprune_ext import analyze, zero_channels
+def ours(model, x, gen, mixing_norms, prefix):
+    """(reference, seconds, share) after pruning model in place with polyprune_ext."""
+    from polyprune_ext import analyze
     from polyprune_ext.structure import prune_
 
-    reference = copy.deepcopy(model)
+    unpruned = copy.deepcopy(model)
     start = time.perf_counter()
-    analysis = analyze(model, x)
-    drop = {i: half(g.size, gen) for i, g in enumerate(analysis.groups) if g.prunable and g.size > 1}
-    keep = {i: sorted(set(range(analysis.groups[i].size)) - set(d)) for i, d in drop.items()}
+    analysis = analyze(model, x, mixing_norms=mixing_norms)
+    keep = {i: random_runs(g.size // g.unit, g.unit, 0.5, gen)
+            for i, g in enumerate(analysis.groups) if g.prunable and g.size > g.unit}
     prune_(model, analysis, keep)
     seconds = time.perf_counter() - start
-    zero_channels(reference, analysis, drop)
-    return reference, seconds, encoder_share(model, analysis)
+    return masked_norm_reference(unpruned, analysis, keep), seconds, conv_share(model, analysis, prefix)
 
 
 def torch_pruning(model, x, gen):
@@ -106,19 +112,23 @@ def torch_pruning(model, x, gen):
     return reference, seconds, None
 
 
-def trial(library, arch, encoder):
+def trial(library, name):
     """One model with one library: a dict with status, error, seconds, params before and after."""
+    if library == "tp" and name in ZOO:
+        return {"status": "not run"}
     try:
-        model = build(arch, encoder)
+        model, x, mixing_norms, prefix = build(name)
     except Exception:  # smp refuses some pairs (mit with several decoders)
         return {"status": "not built by smp"}
-    x = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
     params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     try:
         with torch.no_grad():
             model(x)  # warm-up, untimed
-        reference, seconds, share = (ours if library == "ours" else torch_pruning)(model, x, gen)
+        if library == "ours":
+            reference, seconds, share = ours(model, x, gen, mixing_norms, prefix)
+        else:
+            (reference, seconds, share) = torch_pruning(model, x, gen)
         with torch.no_grad():
             expected, got = reference(x), model(x)
     except Exception as error:  # reported, not hidden: the table says what broke
@@ -131,8 +141,8 @@ def trial(library, arch, encoder):
             "seconds": seconds, "params": [params, after], "share": share}
 
 
-def run_trial(library, arch, encoder, timeout):
-    command = [sys.executable, __file__, "--trial", library, arch, encoder]
+def run_trial(library, name, timeout):
+    command = [sys.executable, __file__, "--trial", library, name]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -148,17 +158,16 @@ def unet_timings():
     from polyprune_ext import analyze
     from polyprune_ext.structure import prune_
 
-    rows = ["| model (352x352, float32) | analysis + 50% prune s | encoder conv output channels in prunable groups |",
+    rows = ["| model (352x352, float32) | analysis + 50% prune s | encoder conv output channels prunable |",
             "|---|---|---|"]
     for encoder in ("resnet34", "resnet50", "efficientnet-b0"):
         model = smp.Unet(encoder, encoder_weights=None).eval()
         start = time.perf_counter()
         analysis = analyze(model, torch.randn(1, 3, 352, 352))
         prune_(model, analysis, {i: list(range(g.size // 2 or 1)) for i, g in enumerate(analysis.groups)
-                                 if g.prunable})
+                                 if g.prunable and g.unit == 1})
         seconds = time.perf_counter() - start
-        share = encoder_share(model, analysis)
-        rows.append(f"| Unet-{encoder} | {seconds:.2f} | {share:.0%} |")
+        rows.append(f"| Unet-{encoder} | {seconds:.2f} | {conv_share(model, analysis, 'encoder.'):.0%} |")
     return rows
 
 
@@ -168,27 +177,29 @@ def main():
     add_options(parser)
     parser.add_argument("--libraries", nargs="+", choices=("ours", "tp"), default=["ours", "tp"],
                         help="Torch-Pruning ('tp') takes most of the time: about an hour more")
-    parser.add_argument("--trial", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--trial", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    setup(args)
     if args.trial:
         print(json.dumps(trial(*args.trial)))
         return
 
-    report = heading("cpu") + [f"### Structural pruning, 50% of every group at random, {SIZE}x{SIZE}, float64", "",
-                               "| model | ours | ours s | encoder channels prunable (ours) | Torch-Pruning 1.6.1 | Torch-Pruning s |",
-                               "|---|---|---|---|---|---|"]
+    report = heading("cpu") + [
+        f"### Structural pruning, 50% of every group at random, float64 ({SIZE}x{SIZE} for the smp matrix)",
+        "", "| model | ours | ours s | conv channels prunable (ours; the encoder's for the smp matrix) "
+            "| Torch-Pruning 1.6.1 | Torch-Pruning s |", "|---|---|---|---|---|---|"]
     print("\n".join(report), flush=True)
     right = {"ours": 0, "tp": 0}
     built, shares, slowest = 0, {}, (0.0, None)
-    for arch, encoder in MODELS:
-        results = {lib: run_trial(lib, arch, encoder, args.timeout) if lib in args.libraries
+    for name in MODELS:
+        results = {lib: run_trial(lib, name, args.timeout) if lib in args.libraries
                    else {"status": "not run"} for lib in ("ours", "tp")}
         if results["ours"]["status"] == "not built by smp":
             continue
         built += 1
         if results["ours"].get("share") is not None:
-            shares.setdefault(encoder, []).append(results["ours"]["share"])
-            slowest = max(slowest, (results["ours"]["seconds"], f"{arch}-{encoder}"))
+            shares.setdefault(name if name in ZOO else name.split("-", 1)[1], []).append(results["ours"]["share"])
+            slowest = max(slowest, (results["ours"]["seconds"], name))
         cells = []
         for lib, r in results.items():
             right[lib] += r["status"] == "right"
@@ -196,14 +207,16 @@ def main():
             cells += [r["status"] + detail, f"{r['seconds']:.2f}" if "seconds" in r else "-"]
             if lib == "ours":
                 cells.append(f"{r['share']:.0%}" if r.get("share") is not None else "-")
-        report.append(f"| {arch}-{encoder} | " + " | ".join(cells) + " |")
+        report.append(f"| {name} | " + " | ".join(cells) + " |")
         print(report[-1], flush=True)
-    counts = ", ".join(f"{name} {right[lib]}/{built}" for lib, name in
+    counts = ", ".join(f"{label} {right[lib]}/{built}" for lib, label in
                        (("ours", "ours"), ("tp", "Torch-Pruning")) if lib in args.libraries)
-    tail = ["", f"Pruned right: {counts} (of {len(MODELS)} pairs, {built} built by smp).",
+    tail = ["", f"Pruned right: {counts} (of {len(MODELS)} models, {built} built).",
             f"Slowest analysis + prune of ours: {slowest[0]:.2f} s ({slowest[1]}).",
-            "Encoder conv output channels in prunable groups (ours), lowest over the architectures: "
-            + ", ".join(f"{e} {min(v):.0%}" for e, v in shares.items()) + ".",
+            "Encoder conv output channels prunable (ours), lowest over the smp architectures: "
+            + ", ".join(f"{e} {min(v):.0%}" for e, v in shares.items() if e not in ZOO) + ".",
+            "Conv output channels prunable (ours), MONAI and timm models: "
+            + ", ".join(f"{e} {v[0]:.0%}" for e, v in shares.items() if e in ZOO) + ".",
             ""] + unet_timings()
     report += tail
     print("\n".join(tail))

@@ -27,6 +27,10 @@ NonFinite = Literal["raise", "skip"]
 Dtype = Literal["float32", "float16", "bfloat16"]
 # Where onnxruntime runs an exported model: its CPU or its CUDA execution provider.
 Provider = Literal["cpu", "cuda"]
+# Norms whose statistics mix channels (layer norm over channels, group norm inside a group,
+# GRN): their channels frozen, or pruned, the statistics then running over the channels kept
+# (not function-preserving).
+MixingNorms = Literal["freeze", "prune"]
 
 
 def names(choice: Any) -> tuple[str, ...]:

@@ -145,3 +145,39 @@ def test_a_plan_for_another_base_model_is_summarised(tmp_path):
         polyprune_ext.load(tmp_path / "m.safetensors",
                            base_model=smp.Unet("resnet18", encoder_weights=None, classes=3))
     assert one_line(error)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_monai_models_are_rebuilt_from_their_arguments(tmp_path, spatial_dims):
+    """monai_model keeps its arguments (JSON, nothing pickled); load builds the network again and
+    replays the plan: a pruned SegResNet (group norms pruned by whole groups) in 2-D and 3-D."""
+    pytest.importorskip("monai")
+    from polyprune_ext.models import monai_model
+
+    shape = (1, 1) + (16,) * spatial_dims
+    model = monai_model("SegResNet", spatial_dims=spatial_dims, in_channels=1, out_channels=2,
+                        init_filters=8, blocks_down=[1, 1, 1], blocks_up=[1, 1]).eval()
+    plan = PruningPlan.for_model(model, shape)
+    analysis = analyze(model, torch.zeros(shape))
+    keep = {i: torch.arange(g.size // 2) for i, g in enumerate(analysis.groups) if g.prunable}
+    plan.prune_(model, analysis, keep)
+    polyprune_ext.save(tmp_path / "m.safetensors", model, plan)
+    assert read_plan(tmp_path / "m.safetensors").base == {"family": "monai", "kwargs": {
+        "name": "SegResNet", "spatial_dims": spatial_dims, "in_channels": 1, "out_channels": 2,
+        "init_filters": 8, "blocks_down": [1, 1, 1], "blocks_up": [1, 1]}}
+    loaded = polyprune_ext.load(tmp_path / "m.safetensors").eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_monai_model_refuses_bad_arguments_clearly():
+    pytest.importorskip("monai")
+    from polyprune_ext.models import monai_model
+
+    with pytest.raises(ValueError, match="unknown MONAI network 'UNetX'; choose one of .*'UNet'"):
+        monai_model("UNetX")
+    with pytest.raises(ValueError, match="must be JSON data"):
+        monai_model("UNet", spatial_dims=2, in_channels=1, out_channels=1, channels=(4, 8), strides=range(1))
+    with pytest.raises(ValueError, match="UNet.*strides"):
+        monai_model("UNet", spatial_dims=2, in_channels=1, out_channels=1, channels=[4, 8])

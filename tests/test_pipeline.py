@@ -87,22 +87,22 @@ def test_magnitude_pruning_scopes(scope):
 
 OPTIONS = {
     "train": "task data size val-count synthetic-count batch-size workers allow-resize-masks arch encoder "
-             "encoder-weights epochs lr out resume sync-bn device seed no-progress debug",
-    "prune": "checkpoint out resume criterion grad reduce target threads amount step steps scope score-batches "
-             "round-to normalize-layers flops-weighted bn-recal-images finetune-epochs finetune-lr task data size val-count "
-             "synthetic-count batch-size workers allow-resize-masks sync-bn device seed no-progress debug",
-    "sparsify": "checkpoint out sparsity scope bn-recal-images finetune-epochs finetune-lr task data size val-count "
-                "synthetic-count batch-size workers allow-resize-masks device seed no-progress debug",
+             "model-args encoder-weights epochs lr out resume device seed no-progress sync-bn debug",
+    "prune": "checkpoint out resume criterion grad reduce target threads amount step steps scope "
+             "score-batches round-to normalize-layers flops-weighted bn-recal-images mixing-norms "
+             "finetune-epochs finetune-lr task data size val-count synthetic-count batch-size workers "
+             "allow-resize-masks device seed no-progress sync-bn debug",
+    "sparsify": "checkpoint out sparsity scope bn-recal-images finetune-epochs finetune-lr task data size "
+                "val-count synthetic-count batch-size workers allow-resize-masks device seed no-progress debug",
     "eval": "checkpoint task data size val-count synthetic-count batch-size workers allow-resize-masks "
             "device seed debug",
-    "bench": "checkpoint arch encoder size batch-size runtime threads warmup device debug",
-    "sweep": "checkpoint out crs scopes bn-recal-images finetune-epochs finetune-lr one-shot keep-first "
-             "keep-last biases resume task data size val-count synthetic-count batch-size workers allow-resize-masks device "
-             "seed no-progress debug",
+    "bench": "checkpoint arch encoder model-args size batch-size runtime threads warmup device debug",
+    "sweep": "checkpoint out resume crs scopes bn-recal-images finetune-epochs finetune-lr one-shot "
+             "keep-first keep-last biases task data size val-count synthetic-count batch-size workers "
+             "allow-resize-masks device seed no-progress debug",
     "demo": "data size val-count synthetic-count batch-size workers allow-resize-masks arch encoder "
-            "encoder-weights epochs lr amount step score-batches bn-recal-images finetune-epochs finetune-lr "
-            "threads out device "
-            "seed no-progress debug",
+            "model-args encoder-weights epochs lr amount step score-batches bn-recal-images finetune-epochs "
+            "finetune-lr threads out device seed no-progress debug",
 }
 
 
@@ -153,6 +153,22 @@ def test_iterative_pruning_to_a_latency_target(tmp_path, monkeypatch):
     assert rows[1]["predicted_ms"] <= 0.7 * rows[0]["predicted_ms"] * (1 + 1e-9)
     assert list((tmp_path / "cache").glob("latency-*.json"))  # measured once, cached
 
+
+def test_cli_trains_and_prunes_a_monai_model(tmp_path, capsys):
+    pytest.importorskip("monai")
+    spec = ["--arch", "monai.UNet", "--model-args", '{"channels": [8, 16, 32], "strides": [2, 2]}']
+    cli.main(["train", *spec, "--epochs", "1", "--out", str(tmp_path / "trained"), *TINY])
+    cli.main(["prune", "--checkpoint", str(tmp_path / "trained"), "--out", str(tmp_path / "pruned"),
+              "--amount", "0.3", "--step", "0.3", "--score-batches", "1", "--finetune-epochs", "1", *TINY])
+    rows = json.loads((tmp_path / "pruned" / "pruning_log.json").read_text())
+    assert rows[-1]["gflops"] <= 0.7 * rows[0]["gflops"] * (1 + 1e-9)
+    model = polyprune_ext.load(tmp_path / "pruned" / "model.safetensors")  # rebuilt from its arguments
+    assert type(model).__module__.startswith("monai") and model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    capsys.readouterr()
+    cli.main(["eval", "--checkpoint", str(tmp_path / "pruned"), *TINY[:-1]])
+    assert 0 <= json.loads(capsys.readouterr().out)["dice"] <= 1
+    with pytest.raises(SystemExit):  # not a JSON object: argparse says so
+        cli.main(["train", "--arch", "monai.UNet", "--model-args", "[8, 16]", "--out", str(tmp_path / "x")])
 
 
 def channels(model):

@@ -93,8 +93,8 @@ def make_video(path, frames=6):
 
 def test_command_lines_run_in_order(tmp_path, monkeypatch, capsys):
     commands = list(command_lines("polyprune"))
-    assert [c[0] for c in commands] == ["train", "prune", "eval", "bench", "export", "bench", "infer", "infer",
-                                        "sparsify", "train", "sweep"]
+    assert [c[0] for c in commands] == ["train", "train", "prune", "eval", "bench", "export", "bench",
+                                        "infer", "infer", "sparsify", "train", "sweep"]
     make_kvasir(tmp_path / "kvasir-seg")
     make_dsb(tmp_path / "dsb2018-stage1-test")
     (tmp_path / "work").mkdir()
@@ -102,7 +102,7 @@ def test_command_lines_run_in_order(tmp_path, monkeypatch, capsys):
     make_video(tmp_path / "work" / "colonoscopy.mp4")
     for argv in commands:
         cli.main([*argv, *SMALL[argv[0]].split()])
-    for out in ("unet", "unet-50", "sparse", "nuclei", "sweep"):
+    for out in ("unet", "monai-unet", "unet-50", "sparse", "nuclei", "sweep"):
         assert any((tmp_path / "work" / "runs" / out).iterdir()), out
     assert "real-time" in capsys.readouterr().out
 

@@ -383,6 +383,26 @@ def test_scores_on_linear_layers_over_channels_last_tokens(reduce):
     assert_scores_equal(got.values, {i: reduce_z(v, reduce) for i, v in z.items()})
 
 
+@pytest.mark.parametrize("backend", ["fused", "torch"])
+def test_scores_on_a_3d_network(backend):
+    """Volumes (N, C, D, H, W): MONAI's 3-D UNet (PReLU, instance norms, transposed convs, GPU
+    kernels read 3 spatial dims) against the mask oracle."""
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    model = nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16),
+                      strides=(2, 2), num_res_units=1).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 1, 16, 16, 16, generator=gen, dtype=torch.float64)
+    target = torch.randn(2, 2, 16, 16, 16, generator=gen, dtype=torch.float64)
+    got = score(model, [(x, target)], loss_fn=mse, grad="loss", reduce="sum_abs", backend=backend,
+                progress=False)
+    y = model(x)
+    (gy,) = torch.autograd.grad(mse(y, target), y)
+    z = oracle_z(model, got.analysis, x, gy)
+    assert_scores_equal(got.values, {i: reduce_z(v, "sum_abs") for i, v in z.items()})
+    assert len(got.values) == 4
+
+
 @pytest.mark.parametrize("normalize_layers, flops_weighted", [(True, False), (False, True), (True, True)])
 def test_pruner_prunes_on_weighted_scores(normalize_layers, flops_weighted):
     model, (x, target) = toy(), data()

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import export, models, speed
-from ..models import smp_model
+from ..models import named_model
 from . import options
 
 
@@ -18,8 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", type=options.checkpoint_folder,
                    help="folder written by train, prune or sparsify (default: an unpruned "
                         "--arch/--encoder model)")
-    p.add_argument("--arch", default="Unet", help="smp architecture without --checkpoint (default %(default)s)")
-    p.add_argument("--encoder", default="resnet34", help="smp encoder without --checkpoint (default %(default)s)")
+    options.add_arch(p, when=", without --checkpoint")
     p.add_argument("--size", type=options.input_size, default=352,
                    help="input side in pixels (default %(default)s, where real-time is judged)")
     p.add_argument("--batch-size", type=options.positive_int, default=8,
@@ -67,7 +66,7 @@ def _models(args: argparse.Namespace, beside_base: bool) -> dict[str, torch.nn.M
     """{name: model}: the checkpoint (after its unpruned base, rebuilt from its plan, when it is
     pruned and ``beside_base``), or the --arch/--encoder model."""
     if not args.checkpoint:
-        return {f"{args.arch}-{args.encoder}": smp_model(args.arch, args.encoder)}
+        return {f"{args.arch}-{args.encoder}": named_model(args.arch, args.encoder, **args.model_args)}
     plan = options.checkpoint_plan(args)
     model = options.load_checkpoint(args)
     if not (beside_base and plan.steps and plan.base):

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> None:
     seed_everything(args.seed)
     task = get_task("polyp")
     out = Path(args.out)
-    model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights)
+    model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights,
+                             **args.model_args)
     data = options.datasets(task, args)
     trainer = options.trainer_for(task, args, model, out / "trained", data, epochs=args.epochs, lr=args.lr)
     trainer.fit(args.epochs)

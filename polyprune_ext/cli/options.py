@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from .. import _io, choices
-from ..choices import Criterion, Grad, Reduce, Scope
+from ..choices import Criterion, Grad, MixingNorms, Reduce, Scope
 from ..engine import PruneConfig, TrainConfig, Trainer
 from ..engine.iterative import TARGETS
 from ..engine.task import Task
@@ -132,8 +132,7 @@ def add_data(p: argparse.ArgumentParser, *, required: bool = True,
 
 
 def add_model(p: argparse.ArgumentParser, *, encoder: str = "resnet34") -> None:
-    p.add_argument("--arch", default="Unet", help="smp architecture (default %(default)s)")
-    p.add_argument("--encoder", default=encoder, help="smp encoder (default %(default)s)")
+    add_arch(p, encoder=encoder)
     p.add_argument("--encoder-weights", default=None,
                    help="pretrained encoder weights, e.g. imagenet (needs a machine that reaches "
                         "the model hub; default: none, random initialisation)")
@@ -159,6 +158,30 @@ def add_distributed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch "
                         "(SyncBatchNorm), not each process's share")
+def add_arch(p: argparse.ArgumentParser, *, encoder: str = "resnet34", when: str = "") -> None:
+    """--arch, --encoder and --model-args: the model models.named_model builds."""
+    p.add_argument("--arch", default="Unet",
+                   help=f"smp architecture, or monai.<Network> for a MONAI one (monai.UNet, "
+                        f"monai.SegResNet, ...; the monai extra){when} (default %(default)s)")
+    p.add_argument("--encoder", default=encoder,
+                   help=f"smp encoder; MONAI networks have none{when} (default %(default)s)")
+    p.add_argument("--model-args", type=model_args, default={},
+                   help="the model's other constructor arguments, a JSON object: "
+                        "'{\"channels\": [16, 32, 64, 128], \"strides\": [2, 2, 2]}' for "
+                        f"monai.UNet (MONAI networks are 2-D, 3 channels in, 1 out by default){when}")
+
+
+def model_args(text: str) -> dict:
+    """--model-args: a JSON object."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object of constructor arguments, not {text}")
+    return value
+
+
 
 
 def add_structured(p: argparse.ArgumentParser, *, amount: float = 0.5, step: float = 0.2,
@@ -193,6 +216,10 @@ def add_structured(p: argparse.ArgumentParser, *, amount: float = 0.5, step: flo
     p.add_argument("--flops-weighted", action="store_true",
                    help="rank channels by score per FLOP they cost")
     add_recalibration(p)
+    p.add_argument("--mixing-norms", choices=choices.names(MixingNorms), default="freeze",
+                   help="channels of norms that mix them (layer norm over channels, as in "
+                        "ConvNeXt): kept, or pruned too, the norms' statistics then running over "
+                        "the channels left (default %(default)s)")
     add_finetuning(p, epochs=finetune_epochs)
 
 
@@ -230,7 +257,7 @@ def prune_config(args: argparse.Namespace) -> PruneConfig:
                        score_batches=args.score_batches, bn_recal_images=args.bn_recal_images,
                        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
                        scope=args.scope, round_to=args.round_to, latency_threads=args.threads,
-                       seed=args.seed)
+                       mixing_norms=args.mixing_norms, seed=args.seed)
 
 
 # -- what the commands build -----------------------------------------------------------------------

@@ -28,7 +28,8 @@ def run(args: argparse.Namespace) -> None:
     seed_everything(args.seed + distributed.rank())
     task = options.resolve_task(args)
     out = Path(args.out)
-    model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights)
+    model = task.build_model(args.arch, args.encoder, encoder_weights=args.encoder_weights,
+                             **args.model_args)
     data = options.datasets(task, args)
     trainer = options.trainer_for(task, args, model, out, data, epochs=args.epochs, lr=args.lr)
     if args.resume:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 from .. import choices
 from ..batchnorm import recalibrate_bn
-from ..choices import Criterion, Grad, Reduce, Scope
+from ..choices import Criterion, Grad, MixingNorms, Reduce, Scope
 from ..scoring import Scores, baseline_scores, score
 from ..structure.analysis import Analysis, analyze
 from ..structure.latency import LatencyModel, latency_model
@@ -55,6 +55,8 @@ class PruneConfig:
     # torch thread count and the plan's input).
     latency_threads: Optional[int] = None
     latency_size: Optional[int] = None
+    # "prune": channels of norms that mix them (ConvNeXt's layer norms) go too (structure.analyze)
+    mixing_norms: MixingNorms = "freeze"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,6 +72,7 @@ class PruneConfig:
         choices.check("grad", self.grad, Grad)
         choices.check("reduce", self.reduce, Reduce)
         choices.check("scope", self.scope, Scope)
+        choices.check("mixing_norms", self.mixing_norms, MixingNorms)
 
 
 def iterative_prune(tuner: FineTuner, config: PruneConfig, *,
@@ -174,13 +177,14 @@ def after_prune(tuner: FineTuner, bn_recal_images: int) -> Row:
 
 def step_scores(tuner: FineTuner, config: PruneConfig, step: int) -> Scores:
     """This step's scores by ``config.criterion``, on ``config.score_batches`` training batches."""
-    example = tuner.plan.example_input(tuner.device)
+    analysis = analyze(tuner.model, tuner.plan.example_input(tuner.device),
+                       mixing_norms=config.mixing_norms)
     weighting = dict(normalize_layers=config.normalize_layers, flops_weighted=config.flops_weighted)
     if config.criterion != "taylor":
-        return baseline_scores(tuner.model, config.criterion, example_input=example,
+        return baseline_scores(tuner.model, config.criterion, analysis=analysis,
                                seed=config.seed + step, **weighting)
     return score(tuner.model, tuner.train_loader, loss_fn=tuner.task.loss_fn, grad=config.grad,
-                 reduce=config.reduce, num_batches=config.score_batches, example_input=example,
+                 reduce=config.reduce, num_batches=config.score_batches, analysis=analysis,
                  seed=config.seed + step, progress=tuner.progress, **weighting)
 
 

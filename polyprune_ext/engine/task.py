@@ -33,8 +33,8 @@ class Task:
     the (train, val) sets of a folder (``verify``: every file decoded and every target's size
     checked first; ``allow_resize_masks``: targets of another size than their image resized,
     not refused), or of the synthetic stand-in when ``source`` is None (``count`` items; train
-    augmented); ``build_model(arch, encoder, encoder_weights=)`` an unpruned model;
-    ``loss_fn(output, target)`` and ``metrics()`` train and judge it; ``reported`` are the
+    augmented); ``build_model(arch, encoder, encoder_weights=, **model_args)`` an unpruned
+    model; ``loss_fn(output, target)`` and ``metrics()`` train and judge it; ``reported`` are the
     metrics tables show, the headline first."""
 
     name: str

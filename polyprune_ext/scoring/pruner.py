@@ -26,7 +26,7 @@ import torch
 
 from .._inputs import device_of
 from ..batchnorm import recalibrate_bn
-from ..choices import Backend, Grad, NonFinite, Reduce, Scope, Target
+from ..choices import Backend, Grad, MixingNorms, NonFinite, Reduce, Scope, Target
 from ..structure.analysis import analyze
 from ..structure.latency import LatencyModel
 from ..structure.plan import PruningPlan, save
@@ -40,7 +40,8 @@ class Pruner:
                  example_input: torch.Tensor, grad: Grad = "normalized", reduce: Reduce = "abs_sum",
                  backend: Backend = "fused", scaler: Optional[torch.amp.GradScaler] = None,
                  nonfinite: Optional[NonFinite] = None, normalize_layers: bool = False,
-                 flops_weighted: bool = False, ignore: Optional[tuple[str, ...]] = None):
+                 flops_weighted: bool = False, ignore: Optional[tuple[str, ...]] = None,
+                 mixing_norms: MixingNorms = "freeze"):
         """``model`` (or a DistributedDataParallel wrapping it) and the ``optimizer`` whose state
         follows the pruned parameters. ``example_input``: one input batch (one image suffices)
         for the structure analysis. ``grad``: "normalized" or "loss" ("random" needs its own
@@ -48,11 +49,13 @@ class Pruner:
         batches (the default when a GradScaler is given: its overflowing steps are skipped too).
         ``normalize_layers`` and ``flops_weighted`` weigh the scores as in polyprune_ext.score,
         when they are read (so after the all-reduce, and on the current analysis after a prune).
+        ``ignore`` and ``mixing_norms``: as polyprune_ext.analyze takes them.
         """
         if grad not in ("normalized", "loss"):
             raise ValueError(f"grad must be 'normalized' or 'loss' inside training steps, got {grad!r}")
         self.module = getattr(model, "module", model)  # the model inside DDP
         self.optimizer, self.grad, self.scaler, self.ignore = optimizer, grad, scaler, ignore
+        self.mixing_norms = mixing_norms
         self.normalize_layers, self.flops_weighted = normalize_layers, flops_weighted
         self.reduce, self.backend = reduce, backend
         self.nonfinite: NonFinite = nonfinite or ("skip" if scaler is not None else "raise")
@@ -62,7 +65,8 @@ class Pruner:
 
     def _analyze(self) -> None:
         device = device_of(self.module)
-        self.analysis = analyze(self.module, self.example_input.to(device), self.ignore)
+        self.analysis = analyze(self.module, self.example_input.to(device), self.ignore,
+                                mixing_norms=self.mixing_norms)
         self.accumulator = TaylorAccumulator(self.module, self.analysis, reduce=self.reduce,
                                              backend=self.backend, nonfinite=self.nonfinite)
 

@@ -7,10 +7,10 @@ from .latency import LatencyModel, latency_model
 from .plan import PruningPlan, load, read_plan, save
 from .policy import cost, select_channels
 from .rules import OpCall, rule
-from .spaces import ChannelGroup, Gate, Slot, Space
+from .spaces import Attribute, ChannelGroup, Gate, Slot, Space
 from .stats import Dropped, ModelStats, drop_unused_, model_stats
 from .surgery import prune_, zero_channels
 
-__all__ = ["Analysis", "ChannelGroup", "Dropped", "Gate", "LatencyModel", "ModelStats", "OpCall", "PruningPlan",
-           "Slot", "Space", "Tracer", "analyze", "cost", "drop_unused_", "latency_model", "load", "model_stats",
-           "prune_", "read_plan", "rule", "save", "select_channels", "zero_channels"]
+__all__ = ["Analysis", "Attribute", "ChannelGroup", "Dropped", "Gate", "LatencyModel", "ModelStats", "OpCall",
+           "PruningPlan", "Slot", "Space", "Tracer", "analyze", "cost", "drop_unused_", "latency_model", "load",
+           "model_stats", "prune_", "read_plan", "rule", "save", "select_channels", "zero_channels"]

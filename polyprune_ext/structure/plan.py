@@ -38,7 +38,8 @@ PathLike = Union[str, Path]
 class PruningPlan:
     input_shape: list[int]  # the example input the analyses ran on, e.g. [1, 3, 352, 352]
     base: Optional[dict] = None  # {"family": "smp", "kwargs": {...}} (models.describe), or None
-    # in order: {"group_sizes": [...], "keep": {group: [channels]}} or {"drop": [module paths]}
+    # in order: {"group_sizes": [...], "keep": {group: [channels]}} (and "mixing_norms": "prune"
+    # when the analysis pruned through channel-mixing norms) or {"drop": [module paths]}
     steps: list[dict] = dataclasses.field(default_factory=list)
 
     @classmethod
@@ -92,7 +93,8 @@ class PruningPlan:
                     raise ValueError(f"pruning plan step {number}: {error}. Is it the same base "
                                      "model?") from None
                 continue
-            analysis = analyze(model, example, ignore=())  # ignore limits choices, not structure
+            analysis = analyze(model, example, ignore=(),  # ignore limits choices, not structure
+                               mixing_norms=step.get("mixing_norms", "freeze"))
             sizes = [g.size for g in analysis.groups]
             if sizes != step["group_sizes"]:
                 raise ValueError(f"pruning plan step {number} was made for a model with "

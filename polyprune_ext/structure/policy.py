@@ -12,31 +12,38 @@ latency model measured on the device (structure.latency).
 
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from .. import choices
 from ..choices import Scope, Target
-from .analysis import Analysis
-from .latency import LatencyModel
+if TYPE_CHECKING:  # analysis imports this module (through trial)
+    from .analysis import Analysis
+    from .latency import LatencyModel
 
 
-def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None,
-         latency: Optional[LatencyModel] = None) -> dict[str, float]:
-    """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
-    channels of group ``i`` (every channel of the groups not named), and its predicted latency
-    in ms when a ``latency`` model (structure.latency) is given."""
-    kept = kept or {}
-    dim_sizes: dict[tuple[str, int], int] = {}  # (parameter, dim) -> its size after pruning
+def shapes_after(analysis: "Analysis", kept: dict[int, int]) -> dict[str, tuple[int, ...]]:
+    """The shape of every parameter and buffer after keeping ``kept[i]`` channels of group ``i``
+    (every channel of the groups not named)."""
+    dim_sizes: dict[tuple[str, int], int] = {}  # (tensor, dim) -> its size after pruning
     for i, group in enumerate(analysis.groups):
         for slot in group.slots:
             key = (slot.name, slot.dim)
             dim_sizes[key] = dim_sizes.get(key, 0) + kept.get(i, group.size)
-    numel = {name: math.prod(dim_sizes.get((name, d), n) for d, n in enumerate(shape))
-             for name, shape in analysis.shapes.items()}
+    return {name: tuple(dim_sizes.get((name, d), n) for d, n in enumerate(shape))
+            for name, shape in analysis.shapes.items()}
+
+
+def cost(analysis: "Analysis", kept: Optional[dict[int, int]] = None,
+         latency: Optional["LatencyModel"] = None) -> dict[str, float]:
+    """Params, conv and linear FLOPs and prunable channels of the model after keeping ``kept[i]``
+    channels of group ``i`` (every channel of the groups not named), and its predicted latency
+    in ms when a ``latency`` model (structure.latency) is given."""
+    kept = kept or {}
+    numel = {name: math.prod(shape) for name, shape in shapes_after(analysis, kept).items()}
     costs: dict[str, float] = {
-        "params": sum(numel.values()),
+        "params": sum(n for name, n in numel.items() if name not in analysis.buffers),
         "flops": sum(f * numel[name] for name, f in analysis.flops_per_weight.items()),
         "channels": sum(kept.get(i, g.size) for i, g in enumerate(analysis.groups) if g.prunable),
     }
@@ -45,12 +52,12 @@ def cost(analysis: Analysis, kept: Optional[dict[int, int]] = None,
     return costs
 
 
-def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
+def select_channels(analysis: "Analysis", scores: dict[int, torch.Tensor], *,
                     amount: Optional[float] = None, at_most: Optional[float] = None,
                     target: Target = "flops", scope: Scope = "global", min_channels: int = 1,
                     max_ratio: float = 0.9, round_to: int = 1,
                     original_sizes: Optional[Sequence[int]] = None,
-                    latency: Optional[LatencyModel] = None) -> dict[int, torch.Tensor]:
+                    latency: Optional["LatencyModel"] = None) -> dict[int, torch.Tensor]:
     """The channels to keep, ``{group index: sorted indices}``, removing at least ``amount``
     (0 to 1) of the model's ``target`` ("channels" of prunable groups, "params", conv and linear
     "flops", or "latency" predicted by the ``latency`` model), or as much as leaves at most
@@ -63,7 +70,10 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
     across groups); "layer" removes the same fraction from each group. No group keeps fewer
     than ``min_channels`` channels or loses more than ``max_ratio`` of them, and each keeps a
     multiple of ``round_to`` channels (8 suits tensor cores) unless that exceeds its size. Where the
-    limits stop short of the target, the most they allow is returned, with a warning.
+    limits stop short of the target, the most they allow is returned, with a warning. A group
+    whose channels go in runs (``ChannelGroup.unit``: whole group norm groups) keeps whole runs,
+    a multiple of both the run and ``round_to``; a run is ranked by its channels' mean score,
+    what it is worth per channel removed.
 
     ``original_sizes`` (the unpruned model's group sizes, in group order) makes ``max_ratio`` bound
     what all pruning steps together remove: without it, each of several steps could remove 90% of
@@ -95,25 +105,27 @@ def select_channels(analysis: Analysis, scores: dict[int, torch.Tensor], *,
             raise ValueError(f"scores[{i}] has {s.numel()} values for a group of {group.size} channels")
         original = group.size if original_sizes is None else original_sizes[i]
         floor = min(group.size, max(min_channels, math.ceil(original * (1 - max_ratio))))
-        groups[i] = (s.argsort(descending=True), floor)  # best first
+        runs = s.view(-1, group.unit).mean(1)
+        best = runs.argsort(descending=True)  # best first, run by run
+        groups[i] = ((best[:, None] * group.unit + torch.arange(group.unit)).flatten(), floor)
         if target == "latency":  # score per ms saved; a group whose removal saves nothing, last
-            s = s / saved[i] if saved[i] > 0 else torch.full_like(s, math.inf)
-        ranking += [(float(v), i) for v in s]
+            runs = runs / saved[i] if saved[i] > 0 else torch.full_like(runs, math.inf)
+        ranking += [(float(v), i) for v in runs]
     ranking.sort()
     full = cost(analysis, latency=latency)[target]
 
     def kept_counts(step: int, steps: int) -> dict:
-        if scope == "global":  # the `step` lowest-scored channels of the ranking go
+        if scope == "global":  # the `step` lowest-scored runs of the ranking go
             removed = dict.fromkeys(groups, 0)
             for _, i in ranking[:step]:
-                removed[i] += 1
+                removed[i] += analysis.groups[i].unit
         else:
             removed = {i: analysis.groups[i].size * step // steps for i in groups}
         counts = {}
         for i, (_, floor) in groups.items():
-            size = analysis.groups[i].size
+            size, multiple = analysis.groups[i].size, math.lcm(analysis.groups[i].unit, round_to)
             k = max(floor, size - removed[i])
-            counts[i] = min(size, math.ceil(k / round_to) * round_to)
+            counts[i] = min(size, math.ceil(k / multiple) * multiple)
         return counts
 
     def reached(step: int, steps: int) -> bool:

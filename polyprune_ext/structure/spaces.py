@@ -6,6 +6,7 @@ slice ``offset + k`` of every slot's dim, and zeroing it at every gate equals re
 """
 
 import dataclasses
+import math
 from typing import NamedTuple, Optional
 
 
@@ -39,15 +40,34 @@ class Proposal:
     changed_in_place: bool = False  # after the module returned it (see Gate.copy)
 
 
+@dataclasses.dataclass(frozen=True)
+class Attribute:
+    """A module attribute holding channel counts that the forward pass reads (timm's
+    MixedConv2d split sizes, BlurPool2d's ``channels``, a group norm's group count): after a
+    prune the surgery sets it to the kept channels of each piece's groups (indices into
+    Analysis.groups; a group listed twice counts twice) divided by ``per``: an int for one
+    piece, a list when ``listed``."""
+
+    module: str
+    name: str
+    pieces: tuple[tuple[int, ...], ...]
+    per: int = 1
+    listed: bool = False
+
+
 @dataclasses.dataclass
 class ChannelGroup:
     """``size`` channels removed together: their ``slots`` in parameters and buffers, the
-    ``gates`` where they can be observed, and, when they cannot be pruned, why (``frozen``)."""
+    ``gates`` where they can be observed, and, when they cannot be pruned, why (``frozen``).
+    ``unit`` > 1: channels go only in aligned runs of ``unit`` (whole groups of a group norm).
+    ``mixing``: the channel-mixing norms they are pruned through (analyze's mixing_norms)."""
 
     size: int
     slots: list[Slot] = dataclasses.field(default_factory=list)
     gates: list[Gate] = dataclasses.field(default_factory=list)  # zeroed together = removed
     frozen: list[str] = dataclasses.field(default_factory=list)  # why they cannot be pruned
+    unit: int = 1
+    mixing: list[str] = dataclasses.field(default_factory=list)
     # While tracing: (gate, proposal) pairs, kept as gates if the proposal was consumed.
     proposed: list[tuple[Gate, Proposal]] = dataclasses.field(default_factory=list, repr=False)
 
@@ -99,6 +119,16 @@ class Groups:
         ga.slots += gb.slots
         ga.proposed += gb.proposed
         ga.frozen += [w for w in gb.frozen if w not in ga.frozen]
+        ga.mixing += [m for m in gb.mixing if m not in ga.mixing]
+        self.set_unit(a, gb.unit, why)
+
+    def set_unit(self, g: int, unit: int, why: str) -> None:
+        """Group g's channels go only in aligned runs of ``unit`` as well (the least common
+        multiple of its units, which divides its size); a group that is one run is frozen."""
+        group = self.get(g)
+        group.unit = math.lcm(group.unit, unit)
+        if group.unit == group.size > 1:
+            self.freeze([g], f"{why}: its {group.size} channels go only together")
 
     def freeze(self, groups: list[int], why: str) -> None:
         for g in groups:

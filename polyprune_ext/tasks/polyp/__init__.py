@@ -1,12 +1,12 @@
 """Polyp segmentation (colonoscopy frames, Kvasir-SEG / CVC-ClinicDB folders): one binary mask
-per frame, an smp model, Dice+BCE, Dice/IoU/precision/recall."""
+per frame, an smp or MONAI model, Dice+BCE, Dice/IoU/precision/recall."""
 
 from typing import Optional
 
 import torch
 
 from ...engine.task import Metric, Task
-from ...models import smp_model
+from ...models import named_model
 from ..metrics import BinarySegmentationMetrics, dice_bce_loss
 from .data import PolypFolder, SyntheticPolyps, polyp_dataset, synthetic_polyp
 
@@ -32,13 +32,13 @@ def polyp_datasets(source: Optional[str], *, size: int, val_count: Optional[int]
 TASK = Task(
     name="polyp",
     datasets=polyp_datasets,
-    build_model=smp_model,
+    build_model=named_model,
     loss_fn=dice_bce_loss,
     metrics=BinarySegmentationMetrics,
     reported=(Metric("dice", "Dice"), Metric("iou", "IoU")),
     size=352,
     synthetic_count=240,
-    families=("smp",),
+    families=("smp", "monai"),
 )
 
 __all__ = ["PolypFolder", "SyntheticPolyps", "TASK", "polyp_dataset", "polyp_datasets",
