@@ -26,7 +26,7 @@ lint: $(VENV)/.built
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
 test-fast: $(VENV)/.built
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n auto -m "not slow" tests

@@ -9,7 +9,7 @@ its gates (surgery.zero_channels: exactly its removal) and the change is measure
   - the validation Dice (what pruning must keep);
 
 against each criterion's score of that channel: TaylorFO's first-order estimates (loss and
-normalized gradients, per channel |sum_n z|) and L1. Spearman rank correlations over all the
+normalized gradients, per channel |sum_n z|), L1 and BN scale. Spearman rank correlations over all the
 channels, and within groups, say which scores order channels by their real cost.
 """
 
@@ -77,7 +77,8 @@ def main():
     pairs = [(x, y) for x, y, _ in batches]
     scores = {"taylor/normalized": score(model, pairs, loss_fn=TASK.loss_fn, progress=False),
               "taylor/loss": score(model, pairs, loss_fn=TASK.loss_fn, grad="loss", progress=False),
-              "l1": baseline_scores(model, "l1", example_input=pairs[0][0][:1])}
+              "l1": baseline_scores(model, "l1", example_input=pairs[0][0][:1]),
+              "bn_scale": baseline_scores(model, "bn_scale", example_input=pairs[0][0][:1])}
     analysis = scores["taylor/normalized"].analysis
     base = objectives(model, batches)
     gen = torch.Generator().manual_seed(0)
