@@ -91,7 +91,7 @@ def run(args, data, out):
     logged = out / "sweep.json"  # the points of an interrupted sweep: it resumes after them
     rows = sweep.compression_sweep(t, crs=args.crs, finetune_epochs=args.finetune_epochs,
                                    finetune_lr=args.finetune_lr, scopes=args.scopes,
-                                   first=not args.keep_first, last=not args.keep_last,
+                                   bn_recal_images=args.bn_recal_images, first=not args.keep_first, last=not args.keep_last,
                                    out_dir=out / "points",
                                    rows=json.loads(logged.read_text()) if logged.exists() else None,
                                    on_row=lambda rows: report.write_rows(rows, out, "sweep"))
@@ -101,7 +101,8 @@ def run(args, data, out):
     lines = [f"### Nuclei, {data} ({n_train} train / {n_val} val images at {args.size}x{args.size}), "
              f"NucleiNet({args.arch}, {args.encoder}, shared_encoder={args.shared_encoder}); "
              f"trained {args.epochs} epochs ({trained_s:.0f} s here; 0 if reused); sweep: gradual, "
-             f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}"
+             f"{args.finetune_epochs} fine-tuning epoch(s) per point at lr {args.finetune_lr:g}, BatchNorm "
+             f"re-calibrated on {args.bn_recal_images} images after each prune"
              f"{kept}, {time.time() - start:.0f} s", "",
              f"Unpruned: Dice {base['dice']:.4f}, MSE {base['mse']:.5f}, AJI {base['aji']:.4f}, "
              f"PQ {base['pq']:.4f}", "", sweep.sweep_table(rows, TASK.reported), "",
@@ -141,6 +142,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--finetune-epochs", type=int, default=4)
     parser.add_argument("--finetune-lr", type=float, default=3e-4)
+    parser.add_argument("--bn-recal-images", type=int, default=256, help="after each prune; 0: never")
     parser.add_argument("--crs", type=float, nargs="+", default=list(sweep.CRS))
     parser.add_argument("--scopes", nargs="+", choices=sweep.SCOPES, default=list(sweep.SCOPES))
     parser.add_argument("--keep-first", action="store_true", help="leave each network's first conv dense")
