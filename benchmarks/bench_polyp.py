@@ -147,6 +147,8 @@ def iterative(path, args, out):
     for target in args.targets:
         for seed in args.seeds:
             for name in [*OURS, *(THEIRS if target == "flops" and args.torch_pruning else ())]:
+                if target == "latency" and args.latency_criteria and name not in args.latency_criteria:
+                    continue
                 directory = out / "iterative" / f"{name.replace('/', '-')}-{target}-seed{seed}"
                 runs[f"{name}|{target}|{seed}"] = run_iterative(path, args, directory, name, target, seed)
     return runs
@@ -301,6 +303,8 @@ def main():
                         "run them on a quiet machine)")
     parser.add_argument("--latency-size", type=int, default=352)
     parser.add_argument("--latency-threads", type=int, default=1, help="the latency target's deployment")
+    parser.add_argument("--latency-criteria", nargs="+", choices=list(OURS), default=None,
+                        help="only these to the latency target (default: all; each run takes minutes)")
     parser.add_argument("--torch-pruning", action="store_true")
     parser.add_argument("--tp-max-ratio", type=float, default=0.9)
     parser.add_argument("--phases", nargs="+", default=["train", "oneshot", "iterative", "latency", "report"],
