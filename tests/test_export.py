@@ -115,7 +115,7 @@ def test_latency_rows_state_what_was_timed(tmp_path):
     assert table.count("| onnxruntime cpu | 1 | 2 | 32 | float32 |") == 2 and "| 1.00x |" in table
 
 
-def test_export_and_bench_commands_on_a_pruned_checkpoint(tmp_path, capsys):
+def test_export_and_bench_commands_on_a_pruned_checkpoint(tmp_path, capsys, monkeypatch):
     smp = pytest.importorskip("segmentation_models_pytorch")
     from polyprune_ext import cli
 
@@ -129,17 +129,18 @@ def test_export_and_bench_commands_on_a_pruned_checkpoint(tmp_path, capsys):
         expected = model.double()(x.double())
     error = (onnx_output(tmp_path / "m.onnx", x).double() - expected).abs().max() / expected.abs().max()
     assert error <= 1e-5
-    threads = torch.get_num_threads()
-    try:
-        cli.main(["bench", "--checkpoint", str(tmp_path), "--runtime", "onnxruntime", "--size", "64",
-                  "--batch-size", "2", "--threads", "1", "--device", "cpu"])
-    finally:
-        torch.set_num_threads(threads)
+    timed = []
+    onnx_latency = polyprune_ext.export.onnx_latency
+    monkeypatch.setattr(polyprune_ext.export, "onnx_latency",
+                        lambda *a, **kw: timed.append(kw) or onnx_latency(*a, **kw))
+    cli.main(["bench", "--checkpoint", str(tmp_path), "--runtime", "onnxruntime", "--size", "64",
+              "--batch-size", "2", "--threads", "2", "--warmup", "0", "--device", "cpu"])
+    assert [(kw["batch"], kw["threads"], kw["warmup"]) for kw in timed] == [(1, 2, 0), (2, 2, 0)]
     out = capsys.readouterr().out
     for name in ("unpruned", "pruned"):
         for batch in (1, 2):
-            assert f"| {name} | onnxruntime cpu | 1 | {batch} | 64 | float32 |" in out
-        assert f"{name}: " in out and "in onnxruntime on cpu, 1 CPU threads" in out
+            assert f"| {name} | onnxruntime cpu | 2 | {batch} | 64 | float32 |" in out
+        assert f"{name}: " in out and "in onnxruntime on cpu, 2 CPU threads" in out
 
 
 def test_a_missing_runtime_names_the_extra(tmp_path, monkeypatch):

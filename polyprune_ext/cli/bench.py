@@ -38,8 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     named = _models(args, beside_base=args.runtime == "onnxruntime")
     if args.runtime == "onnxruntime":
-        if args.threads:
-            torch.set_num_threads(args.threads)
         rows = _onnx_rows(named, args)
         print(export.format_latency(rows))
     else:
@@ -85,6 +83,7 @@ def _onnx_rows(named: dict[str, torch.nn.Module], args: argparse.Namespace) -> l
             paths = {name: Path(tmp) / f"{name}-{dtype}.onnx" for name in named}
             for name, model in named.items():
                 export.export_onnx(model, paths[name], size=args.size, dtype=dtype, provider=provider)
-            for batch in (1, args.batch_size):
-                rows += export.onnx_latency(paths, batch=batch, size=args.size, provider=provider)
+            for batch in dict.fromkeys((1, args.batch_size)):
+                rows += export.onnx_latency(paths, batch=batch, size=args.size, provider=provider,
+                                            threads=args.threads, warmup=args.warmup)
     return rows

@@ -18,6 +18,7 @@ import torch
 
 from .. import choices
 from ..choices import Scope, Target
+
 if TYPE_CHECKING:  # analysis imports this module (through trial)
     from .analysis import Analysis
     from .latency import LatencyModel
