@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from polyprune_ext import analyze, cost, latency_model, select_channels
+from polyprune_ext.structure import latency
 from polyprune_ext.structure.latency import _interpolate, pick_round_to
 from polyprune_ext.testing import Toy
 
@@ -25,6 +26,19 @@ def test_round_to_follows_the_blocks_the_timings_show():
     assert pick_round_to(blocks_of_8) == 8
     assert pick_round_to({w: float(w) for w in range(48, 65)}) == 1  # every channel costs
     assert pick_round_to({w: 1.0 for w in range(48, 65)}) == 16
+
+
+def test_the_fit_splits_timings_into_conv_scale_and_activations(toy_model, monkeypatch):
+    """Whole-model times made as 1.25 x the convs' table time + 2e-6 ms per activation are fitted
+    back exactly; times the form cannot split fall back to the convs alone, scaled."""
+    model, x, analysis, lm, _ = toy_model
+    half = {i: max(1, g.size // 2) for i, g in enumerate(analysis.groups) if g.prunable}
+    made = {name: 1.25 * c + 2e-6 * a for name, (c, a) in
+            {"full": lm.conv_terms(), "half": lm.conv_terms(half)}.items()}
+    monkeypatch.setattr(latency, "compare", lambda models, **kw: {n: {"ms": made[n]} for n in models})
+    assert latency._fit(model, analysis, lm, x, lm.setting) == pytest.approx((1.25, 2e-6))
+    made["half"] = made["full"]  # pruning saved nothing: no positive split exists
+    assert latency._fit(model, analysis, lm, x, lm.setting) == (made["full"] / lm.conv_terms()[0], 0.0)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,14 @@ device, at the deployment input size, batch size, dtype and memory format:
 - every convolution is timed on its own, at the input size it sees in the network, at a grid of
   input and output widths (fractions of its own; a lookup table, interpolated bilinearly), so
   the cost of any choice of kept channels follows from the widths each conv keeps;
-- the rest (norms, activations, resizing, concatenation, the framework's overhead) is fitted
-  from whole-model timings of the network and of a copy with half of every group's channels, as
-  a constant plus a term proportional to the conv output activations kept;
+- the whole model is then ``conv_scale`` x the convs' table time plus ``per_activation`` x the
+  conv output activations kept, both fitted from whole-model timings of the network and of a copy
+  with half of every group's channels. A conv runs slower in the network than alone (its input
+  and weights are not in cache: about 1.2x on this CPU, by the profiler), and the norms,
+  activations, resizing and concatenations read and write each activation (memory-bound). A
+  constant plus the convs' time at face value, the earlier form, put the convs' excess in the
+  activation term and under-predicted latency-pruned models (which remove the activation-heavy
+  early channels) by 25-38%;
 - timings are cached on disk per device, thread count, torch version, dtype, layout and layer
   shape (``~/.cache/polyprune_ext``, or ``$POLYPRUNE_CACHE``): a second run measures nothing new.
 
@@ -114,10 +119,10 @@ class LatencyModel:
     """Predicted milliseconds of a network after pruning (see the module docstring)."""
 
     def __init__(self, analysis: Analysis, convs: list[_Conv], tables: dict[str, dict],
-                 constant: float, per_activation: float, round_to: int, setting: Setting,
+                 conv_scale: float, per_activation: float, round_to: int, setting: Setting,
                  measured: int = 0):
         self.analysis, self.convs, self.tables = analysis, convs, tables
-        self.constant, self.per_activation = constant, per_activation
+        self.conv_scale, self.per_activation = conv_scale, per_activation
         self.round_to, self.setting = round_to, setting
         self.measured = measured  # timings taken to build it (0: all from the cache)
 
@@ -126,7 +131,7 @@ class LatencyModel:
         tables hold absolute widths, and a pruned conv's widths lie inside its table."""
         convs = [dataclasses.replace(c, module=typing.cast(ConvNd, model.get_submodule(c.name.rsplit(".", 1)[0])))
                  for c in self.convs]
-        return LatencyModel(analysis, convs, self.tables, self.constant, self.per_activation,
+        return LatencyModel(analysis, convs, self.tables, self.conv_scale, self.per_activation,
                             self.round_to, self.setting)
 
     def widths(self, kept: Optional[dict[int, int]] = None) -> dict[tuple[str, int], int]:
@@ -142,7 +147,7 @@ class LatencyModel:
     def predict(self, kept: Optional[dict[int, int]] = None) -> float:
         """Milliseconds of one batch after keeping ``kept[i]`` channels of group i."""
         conv_ms, activations = self.conv_terms(kept)
-        return self.constant + conv_ms + self.per_activation * activations
+        return self.conv_scale * conv_ms + self.per_activation * activations
 
     def conv_terms(self, kept: Optional[dict[int, int]] = None) -> tuple[float, float]:
         """(ms of the convs from their tables, conv output activations) after keeping ``kept``."""
@@ -253,18 +258,18 @@ def latency_model(model: torch.nn.Module, analysis: Analysis, example_input: tor
              if name in spatial and isinstance(m := modules[name], ConvNd)]
     cache = _Cache(setting, cache_dir)
     tables = _tables(convs, analysis, cache)
-    partial = LatencyModel(analysis, convs, tables, 0.0, 0.0, 1, setting)
+    partial = LatencyModel(analysis, convs, tables, 1.0, 0.0, 1, setting)
     # The fit is cached per network: its layer shapes, groups and input size name it.
     network = "network " + hashlib.sha1(json.dumps(
         [sorted(analysis.shapes.items()), [g.size for g in analysis.groups], list(example_input.shape)],
         default=list).encode()).hexdigest()
-    if network + " constant" not in cache.times:
-        constant, per_activation = _fit_rest(model, analysis, partial, example_input, setting)
-        cache.times.update({network + " constant": constant, network + " per activation": per_activation})
+    if network + " conv scale" not in cache.times:
+        conv_scale, per_activation = _fit(model, analysis, partial, example_input, setting)
+        cache.times.update({network + " conv scale": conv_scale, network + " per activation": per_activation})
         cache.measured += 2
         cache.save()
     round_to = _round_to(convs, tables, analysis, cache)
-    return LatencyModel(analysis, convs, tables, cache.times[network + " constant"],
+    return LatencyModel(analysis, convs, tables, cache.times[network + " conv scale"],
                         cache.times[network + " per activation"], round_to, setting, cache.measured)
 
 
@@ -291,11 +296,11 @@ def _tables(convs: list[_Conv], analysis: Analysis, cache: _Cache) -> dict[str, 
             for conv in convs for outs, ins in [grids[conv.name]]}
 
 
-def _fit_rest(model: torch.nn.Module, analysis: Analysis, convs_only: LatencyModel,
-              example_input: torch.Tensor, setting: Setting) -> tuple[float, float]:
-    """(constant ms, ms per conv output activation) of everything but the convs: from the model
-    and a copy keeping half of every group, timed round-robin (``convs_only`` predicts the
-    convs)."""
+def _fit(model: torch.nn.Module, analysis: Analysis, convs_only: LatencyModel,
+         example_input: torch.Tensor, setting: Setting) -> tuple[float, float]:
+    """(conv scale, ms per conv output activation) that make ``conv_scale * conv ms +
+    per_activation * activations`` equal the timings of the model and of a copy keeping half of
+    every group, timed round-robin (``convs_only`` gives the convs' table time)."""
     half = copy.deepcopy(model)
     keep = {i: torch.arange(max(1, g.size // 2)) for i, g in enumerate(analysis.groups) if g.prunable}
     prune_(half, analysis, keep)
@@ -305,11 +310,14 @@ def _fit_rest(model: torch.nn.Module, analysis: Analysis, convs_only: LatencyMod
                    threads=setting.threads, warmup=3, repeats=5, max_repeats=60, tolerance=0.02)
     (c_full, a_full), (c_half, a_half) = convs_only.conv_terms(), convs_only.conv_terms(
         {i: len(k) for i, k in keep.items()})
-    r_full, r_half = rows["full"]["ms"] - c_full, rows["half"]["ms"] - c_half
-    if a_full == a_half:
-        return r_full, 0.0
-    slope = max(0.0, (r_full - r_half) / (a_full - a_half))
-    return r_full - slope * a_full, slope
+    t_full, t_half = rows["full"]["ms"], rows["half"]["ms"]
+    determinant = c_full * a_half - c_half * a_full
+    if determinant:  # Cramer's rule on the two timings
+        scale = (t_full * a_half - t_half * a_full) / determinant
+        per_activation = (c_full * t_half - c_half * t_full) / determinant
+        if scale > 0 and per_activation >= 0:
+            return scale, per_activation
+    return (t_full / c_full if c_full else 1.0), 0.0  # nothing prunable, or too noisy to split
 
 
 def _round_to(convs: list[_Conv], tables: dict[str, dict], analysis: Analysis, cache: _Cache) -> int:
