@@ -198,7 +198,8 @@ def final_model(directory):
 
 
 def latencies(path, args, out, runs):
-    """{threads: {key: speed row}}: every final model and the unpruned one, round-robin."""
+    """{threads: {key: speed row}}: every final model and the unpruned one, round-robin (all
+    again when a model was added: timings taken apart on this machine differ by up to 25%)."""
     log = out / "latency.json"
     results = load_json(log)
     models = {"unpruned": polyprune_ext.load(path)}
@@ -206,7 +207,7 @@ def latencies(path, args, out, runs):
         name, target, seed = key.split("|")
         models[key] = final_model(out / "iterative" / f"{name.replace('/', '-')}-{target}-seed{seed}")
     for threads in sorted({1, torch.get_num_threads()}):
-        if str(threads) not in results:
+        if set(results.get(str(threads), {})) != set(models):
             results[str(threads)] = speed.compare(models, batch=1, size=args.latency_size, threads=threads,
                                                   warmup=3, repeats=5, max_repeats=40, tolerance=0.02)
             save_json(log, results)
