@@ -6,12 +6,15 @@ The fixed 880/120 split; one unpruned model trained from scratch and shared; the
   - one-shot: the trained model pruned once to -25% and -50% FLOPs, no fine-tuning, the Dice
     right after the prune and after re-estimating the BatchNorm statistics, for every criterion
     (TaylorFO with normalized, loss and random gradients, L1, BN scale, random; Torch-Pruning's
-    Taylor and magnitude importance, re-calibrated too), on raw and on per-layer normalised scores ranked globally, and with the same fraction from every
-    layer (where only the choice of channels inside a layer differs);
+    Taylor and magnitude importance, re-calibrated too), on raw and on per-layer normalised
+    scores ranked globally, and with the same fraction from every layer (where only the choice
+    of channels inside a layer differs);
   - iterative: --steps equal steps to -50% FLOPs and to -50% predicted latency (the latency
     model of the unpruned network, batch 1 at --latency-size on --latency-threads threads), each
     step re-calibrated and fine-tuned --finetune-epochs, the same budget for every criterion
-    (Torch-Pruning only to the FLOPs target: it has no latency target);
+    (Torch-Pruning only to the FLOPs target: it has no latency target); and the reference: the
+    unpruned model fine-tuned as many epochs at the same rate, so that a pruned model's Dice is
+    not credited with what the extra training alone gives;
   - latency: every final model and the unpruned one at batch 1, --latency-size, timed
     round-robin in one process (speed.compare), at 1 thread and at all threads.
 
@@ -44,6 +47,7 @@ OURS = {"taylor/normalized": ("taylor", "normalized"), "taylor/loss": ("taylor",
         "taylor/random": ("taylor", "random"), "l1": ("l1", "normalized"),
         "bn_scale": ("bn_scale", "normalized"), "random": ("random", "normalized")}
 THEIRS = ("tp/taylor", "tp/magnitude")
+REFERENCE = "unpruned, fine-tuned as long"
 # one-shot rankings: one global ranking of raw scores, or of each layer's scores over their L2
 # norm; or "uniform": the same fraction from every layer (only the choice inside a layer differs)
 WEIGHTINGS = {"raw": "raw, global", "layer": "per-layer normalised, global",
@@ -142,8 +146,10 @@ def one_shot(path, args, out):
 
 
 def iterative(path, args, out):
-    """{f"{name}|{target}|{seed}": rows} of every iterative run (resumed where interrupted)."""
-    runs = {}
+    """{f"{name}|{target}|{seed}": rows} of every iterative run (resumed where interrupted),
+    and the unpruned model fine-tuned as long under {f"{REFERENCE}|-|{seed}"}."""
+    runs = {f"{REFERENCE}|-|{seed}": run_reference(path, args, out / "iterative" / f"reference-seed{seed}", seed)
+            for seed in args.seeds}
     for target in args.targets:
         for seed in args.seeds:
             for name in [*OURS, *(THEIRS if target == "flops" and args.torch_pruning else ())]:
@@ -152,6 +158,23 @@ def iterative(path, args, out):
                 directory = out / "iterative" / f"{name.replace('/', '-')}-{target}-seed{seed}"
                 runs[f"{name}|{target}|{seed}"] = run_iterative(path, args, directory, name, target, seed)
     return runs
+
+
+def run_reference(path, args, directory, seed):
+    """[before, after]: the unpruned model fine-tuned --steps x --finetune-epochs at --finetune-lr."""
+    log = directory / "rows.json"
+    if (directory / "done").exists():
+        return json.loads(log.read_text())
+    seed_everything(seed)
+    t = trainer(polyprune_ext.load(path), args, directory, seed, plan=read_plan(path), lr=args.finetune_lr)
+    stats = model_stats(t.model, t.plan.example_input())
+    rows = [{"step": 0, "gflops": stats.gflops, **t.evaluate()}]
+    t.fit(args.steps * args.finetune_epochs, phase="reference")
+    rows.append({"step": args.steps, "gflops": stats.gflops, **t.evaluate()})
+    save_json(log, rows)
+    (directory / "done").touch()
+    print(REFERENCE, seed, rows[-1], flush=True)
+    return rows
 
 
 def run_iterative(path, args, directory, name, target, seed):
@@ -205,6 +228,8 @@ def latencies(path, args, out, runs):
     models = {"unpruned": polyprune_ext.load(path)}
     for key in runs:
         name, target, seed = key.split("|")
+        if name == REFERENCE:
+            continue  # the unpruned network: timed once, above
         models[key] = final_model(out / "iterative" / f"{name.replace('/', '-')}-{target}-seed{seed}")
     for threads in sorted({1, torch.get_num_threads()}):
         if set(results.get(str(threads), {})) != set(models):
@@ -251,8 +276,8 @@ def iterative_table(runs, lat, args):
              "| criterion | target | GFLOPs | Dice after the last prune | re-calibrated | Dice | Dice change | "
              + " | ".join(f"ms ({t} thr) | speed-up ({t} thr)" for t in threads) + " |",
              "|---|---|---|---|---|---|---|" + "---|---|" * len(threads)]
-    for target in args.targets:
-        for name in [*OURS, *THEIRS]:
+    for target in ["-", *args.targets]:
+        for name in [REFERENCE] if target == "-" else [*OURS, *THEIRS]:
             keys = [f"{name}|{target}|{s}" for s in args.seeds if f"{name}|{target}|{s}" in runs]
             if not keys:
                 continue
@@ -261,9 +286,10 @@ def iterative_table(runs, lat, args):
                      mean_std([r.get("dice_recalibrated") for r in last]), mean_std([r["dice"] for r in last]),
                      mean_std([r["dice"] - base_row["dice"] for r in last])]
             for t in threads:
-                ms = [lat[t][k]["ms"] for k in keys if k in lat[t]]
+                ms = [lat[t]["unpruned" if name == REFERENCE else k]["ms"] for k in keys
+                      if name == REFERENCE or k in lat[t]]
                 cells += [mean_std(ms), mean_std([lat[t]["unpruned"]["ms"] / m for m in ms])]
-            lines.append(f"| {name} | -50% {target} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {'-50% ' + target if target != '-' else '-'} | " + " | ".join(cells) + " |")
     return lines + ["", *prediction_table(runs, lat, args)]
 
 
