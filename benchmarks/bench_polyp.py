@@ -294,7 +294,9 @@ def iterative_table(runs, lat, args):
 
 
 def prediction_table(runs, lat, args):
-    """The latency model against the measurement, at the thread count it was built for."""
+    """The latency model against the measurement, at the thread count it was built for: the
+    milliseconds, and the speed-up over the unpruned network (what a latency target sets; it
+    holds when the whole machine runs faster or slower than when the model was measured)."""
     measured = lat.get(str(args.latency_threads), {})
     predicted = {k: rows for k, rows in runs.items() if "predicted_ms" in rows[-1] and k in measured}
     if not predicted:
@@ -302,9 +304,13 @@ def prediction_table(runs, lat, args):
     first = next(iter(predicted.values()))[0]["predicted_ms"]
     pairs = [("unpruned", first, measured["unpruned"]["ms"])]
     pairs += [(k, rows[-1]["predicted_ms"], measured[k]["ms"]) for k, rows in predicted.items()]
+    _, p0, m0 = pairs[0]
     return [f"Latency model against measurement ({args.latency_threads} thread(s), batch 1, "
-            f"{args.latency_size} px):", "", "| model | predicted ms | measured ms | error |", "|---|---|---|---|",
-            *(f"| {k} | {p:.1f} | {m:.1f} | {p / m - 1:+.1%} |" for k, p, m in pairs)]
+            f"{args.latency_size} px):", "",
+            "| model | predicted ms | measured ms | error | predicted speed-up | measured | error |",
+            "|---|---|---|---|---|---|---|",
+            *(f"| {k} | {p:.1f} | {m:.1f} | {p / m - 1:+.1%} | {p0 / p:.2f}x | {m0 / m:.2f}x | "
+              f"{(p0 / p) / (m0 / m) - 1:+.1%} |" for k, p, m in pairs)]
 
 
 def main():
