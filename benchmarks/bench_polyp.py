@@ -222,7 +222,7 @@ def final_model(directory):
 
 def latencies(path, args, out, runs):
     """{threads: {key: speed row}}: every final model and the unpruned one, round-robin (all
-    again when a model was added: timings taken apart on this machine differ by up to 25%)."""
+    again when a model was added: timings taken an hour apart on this machine differed by 40%)."""
     log = out / "latency.json"
     results = load_json(log)
     models = {"unpruned": polyprune_ext.load(path)}
