@@ -6,6 +6,7 @@ oracle gets it from autograd in float64, without the hooks or the kernel.
 """
 
 import copy
+import datetime
 import json
 
 import pytest
@@ -322,7 +323,7 @@ def test_pruner_prunes_and_training_goes_on():
 
 def _ddp_rank(rank, world, init_file, out_dir):
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=world)
+                                         world_size=world, timeout=datetime.timedelta(seconds=120))
     model, (x, target) = toy(), data(4)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     pruner = polyprune_ext.Pruner(ddp, example_input=x)
@@ -330,6 +331,7 @@ def _ddp_rank(rank, world, init_file, out_dir):
         mse(ddp(x[rank * 2:rank * 2 + 2]), target[rank * 2:rank * 2 + 2]).backward()
     step = pruner.prune(0.4, target="channels")
     (out_dir / f"rank{rank}.json").write_text(json.dumps(step))
+    torch.distributed.barrier()  # no rank tears the file store down while the other still uses it
     torch.distributed.destroy_process_group()
 
 
