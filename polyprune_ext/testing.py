@@ -1,15 +1,18 @@
 """Helpers for testing pruning on your own models, as the project's tests use them: the devices
-to run on, a float64 function-preservation check of a prune, the smp model matrix, and small
-models that exercise the analysis rules.
+to run on, a float64 function-preservation check of a prune, the smp model matrix, small
+models that exercise the analysis rules, and a process group for multi-process tests.
 
     from polyprune_ext.testing import prune_and_compare
     analysis, before, after, error = prune_and_compare(MyNet(), torch.randn(1, 3, 64, 64), 0.5)
     assert error <= 1e-6   # the pruned model computes what the original does without those channels
 """
 
+import contextlib
 import copy
+import datetime
 import inspect
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,22 @@ def devices() -> list[Any]:
 
     return ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="no GPU"))]
+
+
+@contextlib.contextmanager
+def process_group(rank: int, world: int, init_file: str | os.PathLike, timeout_s: float = 120,
+                  backend: str = "gloo") -> Iterator[None]:
+    """torch.distributed for one rank of a test spawned with ``torch.multiprocessing.spawn``,
+    through a file store. The timeout turns a lost rank into a failure instead of a hang, and the
+    ranks meet at a barrier before the teardown: a rank that tears the file store down while
+    another still uses it can leave that one waiting forever (seen once in CI)."""
+    torch.distributed.init_process_group(backend, init_method=f"file://{os.fspath(init_file)}", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def dihedral(t: torch.Tensor) -> list[torch.Tensor]:

@@ -3,12 +3,12 @@ variance of each norm's inputs over the images, checked against a float64 refere
 from those inputs directly; everything else is left as it was."""
 
 import copy
-import datetime
 
 import pytest
 import torch
 
 from polyprune_ext import recalibrate_bn
+from polyprune_ext.testing import process_group
 
 
 class Norms(torch.nn.Module):
@@ -131,14 +131,11 @@ def test_no_batchnorm_and_bad_input():
 
 
 def _rank(rank, world, init_file, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=world, timeout=datetime.timedelta(seconds=120))
-    torch.manual_seed(0)
-    model = Norms(sync=False)
-    recalibrate_bn(model, batches(seed=0)[rank::world])
-    torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
-    torch.distributed.barrier()  # no rank tears the file store down while the other still uses it
-    torch.distributed.destroy_process_group()
+    with process_group(rank, world, init_file):
+        torch.manual_seed(0)
+        model = Norms(sync=False)
+        recalibrate_bn(model, batches(seed=0)[rank::world])
+        torch.save(model.state_dict(), f"{out_dir}/rank{rank}.pt")
 
 
 def test_ranks_end_with_the_statistics_of_all_their_images(tmp_path):

@@ -17,6 +17,7 @@ if not torch.distributed.is_available():
 import polyprune_ext  # noqa: E402
 from polyprune_ext.engine import PruneConfig, TrainConfig, Trainer, iterative_prune  # noqa: E402
 from polyprune_ext.tasks.polyp import TASK, SyntheticPolyps  # noqa: E402
+from polyprune_ext.testing import process_group  # noqa: E402
 
 # Largest difference over a tensor's largest value, 2 processes against 1 (float32 sums in another
 # order, 8 AdamW steps and a prune between): measured 5.7e-7.
@@ -62,8 +63,7 @@ def train_prune_finetune(out_dir):
 
 
 def _rank(rank, world, init_file, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, init_file):
         trainer = train_prune_finetune(out_dir)
         torch.save(trainer.model.state_dict(), out_dir / f"rank{rank}.pt")
         torch.distributed.barrier()  # rank 0's checkpoint is written
@@ -74,8 +74,6 @@ def _rank(rank, world, init_file, out_dir):
             assert torch.equal(value, trainer.model.state_dict()[name]), name
         assert again.epoch == 2 and again.optimizer.state_dict()["state"].keys() == \
             trainer.optimizer.state_dict()["state"].keys()
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_two_processes_end_where_one_process_over_the_global_batch_ends(tmp_path):

@@ -6,7 +6,6 @@ oracle gets it from autograd in float64, without the hooks or the kernel.
 """
 
 import copy
-import datetime
 import json
 
 import pytest
@@ -17,7 +16,7 @@ from polyprune_ext import (analyze, baseline_scores, cost, model_stats, recalibr
                            select_channels)
 from polyprune_ext.scoring.baselines import weight_scores
 from polyprune_ext.scoring.taylor import unit_output_gradient
-from polyprune_ext.testing import Tokens, Toy, randomize_norms
+from polyprune_ext.testing import Tokens, Toy, process_group, randomize_norms
 
 
 def mse(y, target):
@@ -322,17 +321,14 @@ def test_pruner_prunes_and_training_goes_on():
 
 
 def _ddp_rank(rank, world, init_file, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=world, timeout=datetime.timedelta(seconds=120))
-    model, (x, target) = toy(), data(4)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    pruner = polyprune_ext.Pruner(ddp, example_input=x)
-    with pruner.scoring():
-        mse(ddp(x[rank * 2:rank * 2 + 2]), target[rank * 2:rank * 2 + 2]).backward()
-    step = pruner.prune(0.4, target="channels")
-    (out_dir / f"rank{rank}.json").write_text(json.dumps(step))
-    torch.distributed.barrier()  # no rank tears the file store down while the other still uses it
-    torch.distributed.destroy_process_group()
+    with process_group(rank, world, init_file):
+        model, (x, target) = toy(), data(4)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        pruner = polyprune_ext.Pruner(ddp, example_input=x)
+        with pruner.scoring():
+            mse(ddp(x[rank * 2:rank * 2 + 2]), target[rank * 2:rank * 2 + 2]).backward()
+        step = pruner.prune(0.4, target="channels")
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(step))
 
 
 def test_ddp_ranks_prune_the_same_channels(tmp_path):
