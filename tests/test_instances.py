@@ -250,7 +250,7 @@ def touching_discs():
     return labels
 
 
-@pytest.mark.parametrize("markers", [{}, {"h": 0.3}], ids=["threshold", "h-maxima"])
+@pytest.mark.parametrize("markers", [{}, {"h": 0.3}, {"h": None}], ids=["default", "h-maxima", "threshold"])
 def test_watershed_separates_touching_discs(markers):
     labels = touching_discs()
     mask, distance = instance_targets(labels)
@@ -258,6 +258,16 @@ def test_watershed_separates_touching_discs(markers):
     found = watershed_instances(mask, distance, **markers)
     assert found.max() == 2 and set(np.unique(found)) == {0, 1, 2}
     assert aji(labels, found) > 0.9
+
+
+def test_default_markers_keep_nuclei_whose_peaks_stay_low():
+    """A network that predicts the distance at 0.4 of the targets' height: no pixel passes the 0.5
+    threshold, so thresholded markers find nothing, while the default h-maxima find both nuclei."""
+    labels = touching_discs()
+    mask, distance = instance_targets(labels)
+    assert not watershed_instances(mask, 0.4 * distance, h=None).any()
+    found = watershed_instances(mask, 0.4 * distance)
+    assert found.max() == 2 and aji(labels, found) > 0.9
 
 
 def test_watershed_drops_small_instances_and_relabels():
