@@ -1,8 +1,8 @@
 """Why pruning loses the nuclei instances, from a finished bench_nuclei sweep: its saved points
 re-evaluated on the same validation images, nothing trained.
 
-For every point (scope, CR) of --sweep (a bench_nuclei output folder for one data set: it holds
-points/ and trained/):
+For every point (scope, CR) of --sweep (a bench_nuclei output folder for one data set, whose
+points/ it reads):
   - which branch costs the instances: AJI (default markers) with the semantic network from the
     point and the regression network from the CR 1 point of the same scope (the same
     fine-tuning, nothing pruned), and the other way round;
@@ -90,7 +90,7 @@ def run(args) -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", type=Path, required=True,
-                        help="a bench_nuclei output folder for one data set (points/, trained/)")
+                        help="a bench_nuclei output folder for one data set (its points/ are read)")
     parser.add_argument("--data", default="../shared/data/dsb2018-stage1-test", help="the sweep's data")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--val-count", type=int, default=None)

@@ -11,8 +11,8 @@ import contextlib
 import copy
 import datetime
 import inspect
-import os
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +32,13 @@ def devices() -> list[Any]:
 
 
 @contextlib.contextmanager
-def process_group(rank: int, world: int, init_file: str | os.PathLike, timeout_s: float = 120,
+def process_group(rank: int, world: int, init_file: Union[str, Path], timeout_s: float = 120,
                   backend: str = "gloo") -> Iterator[None]:
     """torch.distributed for one rank of a test spawned with ``torch.multiprocessing.spawn``,
     through a file store. The timeout turns a lost rank into a failure instead of a hang, and the
     ranks meet at a barrier before the teardown: a rank that tears the file store down while
     another still uses it can leave that one waiting forever (seen once in CI)."""
-    torch.distributed.init_process_group(backend, init_method=f"file://{os.fspath(init_file)}", rank=rank,
+    torch.distributed.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                          world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield
