@@ -140,7 +140,7 @@ def _rank(rank, world, init_file, out_dir):
 
 def test_ranks_end_with_the_statistics_of_all_their_images(tmp_path):
     torch.multiprocessing.spawn(_rank, args=(2, tmp_path / "init", tmp_path), nprocs=2)
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.manual_seed(0)
     single = Norms(sync=False)
     recalibrate_bn(single, batches(seed=0))  # the union of the ranks' batches
