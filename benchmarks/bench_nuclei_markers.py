@@ -34,23 +34,29 @@ def mixed(semantic: dict, regression: dict) -> dict:
     return {k: (semantic if k.startswith("semantic.") else regression)[k] for k in semantic}
 
 
-def evaluate(t, state: dict, watershed: dict) -> dict:
-    t.model.load_state_dict(state)
-    t.task = dataclasses.replace(TASK, metrics=lambda: NucleiMetrics(watershed=watershed))
-    return t.evaluate()
+class MarkerMetrics:
+    """From one pass over the validation images: NucleiMetrics under each marker choice, and
+    each true nucleus's highest predicted distance."""
 
+    def __init__(self, markers: dict):
+        self.each = {name: NucleiMetrics(watershed=watershed) for name, watershed in markers.items()}
+        self.peaks: list = []
 
-@torch.no_grad()
-def peaks(t, state: dict) -> np.ndarray:
-    """Each true validation nucleus's highest predicted distance."""
-    t.model.load_state_dict(state)
-    t.model.eval()
-    found = []
-    for x, y in t.val_loader:
-        distance, labels = t.model(x.to(t.device))[:, 1].cpu().numpy(), y[:, 2].long().numpy()
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        for metrics in self.each.values():
+            metrics.update(output, target)
+        distance, labels = output[:, 1].cpu().numpy(), target[:, 2].long().cpu().numpy()
         for d, true in zip(distance, labels):
-            found += [d[true == i].max() for i in np.unique(true) if i]
-    return np.array(found)
+            self.peaks += [d[true == i].max() for i in np.unique(true) if i]
+
+    def compute(self) -> dict:
+        return {"markers": {name: m.compute() for name, m in self.each.items()}, "peaks": np.array(self.peaks)}
+
+
+def evaluate(t, state: dict, markers: dict) -> dict:
+    t.model.load_state_dict(state)
+    t.task = dataclasses.replace(TASK, metrics=lambda: MarkerMetrics(markers))
+    return t.evaluate()
 
 
 def run(args) -> list[str]:
@@ -64,12 +70,12 @@ def run(args) -> list[str]:
         base = load_compressed(sweep.point_path(args.sweep / "points", scope, 1))
         for cr in sorted(cr for cr, path in saved.items() if path.exists()):
             point = load_compressed(saved[cr])
-            semantic_only = evaluate(t, mixed(point, base), {})["aji"]
-            regression_only = evaluate(t, mixed(base, point), {})["aji"]
-            heights = peaks(t, point)
+            semantic_only = evaluate(t, mixed(point, base), {"default": {}})["markers"]["default"]["aji"]
+            regression_only = evaluate(t, mixed(base, point), {"default": {}})["markers"]["default"]["aji"]
+            whole = evaluate(t, point, markers)
+            heights = whole["peaks"]
             row = {"scope": scope, "cr": cr}
-            for name, watershed in markers.items():
-                r = evaluate(t, point, watershed)
+            for name, r in whole["markers"].items():
                 row[f"aji {name}"], row[f"pq {name}"] = r["aji"], r["pq"]
             rows.append(row)
             lines.append(f"| {sweep.SCOPE_NAMES[scope]} | {cr:g} | {semantic_only:.4f} | {regression_only:.4f} | "
