@@ -161,15 +161,21 @@ def iterative(path, args, out):
 
 
 def run_reference(path, args, directory, seed):
-    """[before, after]: the unpruned model fine-tuned --steps x --finetune-epochs at --finetune-lr."""
+    """[before, after]: the unpruned model fine-tuned --steps x --finetune-epochs at --finetune-lr.
+    An interrupted one finishes the rest of its epochs, as the training phase does."""
     log = directory / "rows.json"
     if (directory / "done").exists():
         return json.loads(log.read_text())
     seed_everything(seed)
     t = trainer(polyprune_ext.load(path), args, directory, seed, plan=read_plan(path), lr=args.finetune_lr)
     stats = model_stats(t.model, t.plan.example_input())
-    rows = [{"step": 0, "gflops": stats.gflops, **t.evaluate()}]
-    t.fit(args.steps * args.finetune_epochs, phase="reference")
+    if (directory / "train_state.pt").exists():  # written after each epoch, so the log is there too
+        t.resume()
+        rows = json.loads(log.read_text())
+    else:
+        rows = [{"step": 0, "gflops": stats.gflops, **t.evaluate()}]
+        save_json(log, rows)
+    t.fit(max(0, args.steps * args.finetune_epochs - t.epochs_done("reference")), phase="reference")
     rows.append({"step": args.steps, "gflops": stats.gflops, **t.evaluate()})
     save_json(log, rows)
     (directory / "done").touch()
